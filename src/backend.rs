@@ -1,0 +1,331 @@
+//! The only module that talks to sled.
+//!
+//! Trees:
+//! - `messages`: `user prefix ‖ seq` → message record (see `key` and `record`);
+//! - `texts`: `id` → shared text of a bulk send;
+//! - `quarantine`: `id` → a damaged record moved out of the way;
+//! - `meta`: `format` → the database's format version.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use sled::{Batch, IVec, Tree};
+
+use crate::record::FORMAT_VERSION;
+use crate::{Error, Result, record};
+
+/// Raw bytes as sled hands them out (small values live inline, no allocation).
+pub(crate) type Bytes = IVec;
+
+/// How to open the database.
+pub(crate) struct OpenOptions<'a> {
+    pub(crate) path: &'a Path,
+    pub(crate) cache_bytes: u64,
+    pub(crate) flush_every: Option<Duration>,
+    pub(crate) lock_timeout: Duration,
+}
+
+#[derive(Clone)]
+pub(crate) struct Backend {
+    db: sled::Db,
+    messages: Tree,
+    texts: Tree,
+    quarantine: Tree,
+    path: PathBuf,
+}
+
+/// A set of writes to the messages tree applied atomically.
+#[derive(Default)]
+pub(crate) struct MessageBatch {
+    batch: Batch,
+    len: usize,
+}
+
+impl MessageBatch {
+    pub(crate) fn insert(&mut self, key: &[u8], value: &[u8]) {
+        self.batch.insert(key, value);
+        self.len += 1;
+    }
+
+    pub(crate) fn remove(&mut self, key: &[u8]) {
+        self.batch.remove(key);
+        self.len += 1;
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+}
+
+/// A record that could not be decoded, moved aside by the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantinedRecord {
+    tree: String,
+    key: Vec<u8>,
+    value: Vec<u8>,
+    reason: String,
+    at_ms: u64,
+}
+
+impl QuarantinedRecord {
+    /// Where the record was: `"messages"` or `"texts"`.
+    #[must_use]
+    pub fn tree(&self) -> &str {
+        &self.tree
+    }
+
+    /// The record's key, as it was stored.
+    #[must_use]
+    pub fn key(&self) -> &[u8] {
+        &self.key
+    }
+
+    /// The record's value, as it was stored.
+    #[must_use]
+    pub fn value(&self) -> &[u8] {
+        &self.value
+    }
+
+    /// Why it could not be read.
+    #[must_use]
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+
+    /// When it was moved aside (milliseconds since the Unix epoch).
+    #[must_use]
+    pub fn quarantined_at_ms(&self) -> u64 {
+        self.at_ms
+    }
+}
+
+const FORMAT_KEY: &[u8] = b"format";
+
+fn is_lock_error(error: &sled::Error) -> bool {
+    matches!(error, sled::Error::Io(e) if e.to_string().contains("could not acquire lock"))
+}
+
+/// Maps an I/O error to the error a user can act on.
+pub(crate) fn io_error(path: &Path, source: io::Error) -> Error {
+    let path = path.to_path_buf();
+    if source.kind() == io::ErrorKind::StorageFull || source.raw_os_error() == Some(28) {
+        return Error::DiskFull { path, source };
+    }
+    if matches!(
+        source.kind(),
+        io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem
+    ) || source.raw_os_error() == Some(30)
+    {
+        return Error::PermissionDenied { path, source };
+    }
+    Error::Storage {
+        path,
+        source: Box::new(source),
+    }
+}
+
+fn storage_error(path: &Path, error: sled::Error) -> Error {
+    match error {
+        sled::Error::Io(source) => io_error(path, source),
+        other => Error::Storage {
+            path: path.to_path_buf(),
+            source: Box::new(other),
+        },
+    }
+}
+
+impl Backend {
+    /// Opens (or creates) the database, waiting up to `lock_timeout` for a
+    /// lock that a just-dropped handle's background threads still hold.
+    pub(crate) fn open(options: &OpenOptions<'_>) -> Result<Backend> {
+        let path = options.path;
+        let mut config = sled::Config::new()
+            .path(path)
+            .cache_capacity(options.cache_bytes)
+            .mode(sled::Mode::LowSpace);
+        if let Some(every) = options.flush_every {
+            let ms = u64::try_from(every.as_millis()).unwrap_or(u64::MAX).max(1);
+            config = config.flush_every_ms(Some(ms));
+        } else {
+            config = config.flush_every_ms(None);
+        }
+        let started = Instant::now();
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                Err(e) if is_lock_error(&e) => {
+                    if started.elapsed() >= options.lock_timeout {
+                        return Err(Error::AlreadyOpen {
+                            path: path.to_path_buf(),
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(storage_error(path, e)),
+            }
+        };
+        let tree = |name: &str| db.open_tree(name).map_err(|e| storage_error(path, e));
+        let backend = Backend {
+            messages: tree("messages")?,
+            texts: tree("texts")?,
+            quarantine: tree("quarantine")?,
+            path: path.to_path_buf(),
+            db: db.clone(),
+        };
+        backend.check_format(&tree("meta")?)?;
+        Ok(backend)
+    }
+
+    fn check_format(&self, meta: &Tree) -> Result<()> {
+        match meta.get(FORMAT_KEY).map_err(|e| self.err(e))? {
+            None => {
+                meta.insert(FORMAT_KEY, &[FORMAT_VERSION])
+                    .map_err(|e| self.err(e))?;
+                Ok(())
+            }
+            Some(bytes) => match record::decode_format(&bytes) {
+                Some(found) if found <= FORMAT_VERSION && found > 0 => Ok(()),
+                Some(found) => Err(Error::UnsupportedFormat {
+                    path: self.path.clone(),
+                    found,
+                    supported: FORMAT_VERSION,
+                }),
+                None => Err(Error::Corrupt {
+                    what: format!("holding the format version of {}", self.path.display()),
+                    reason: format!("{} bytes where one was expected", bytes.len()),
+                }),
+            },
+        }
+    }
+
+    fn err(&self, error: sled::Error) -> Error {
+        storage_error(&self.path, error)
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A new id, greater than every id handed out before, also across restarts.
+    pub(crate) fn next_id(&self) -> Result<u64> {
+        self.db.generate_id().map_err(|e| self.err(e))
+    }
+
+    pub(crate) fn insert_message(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        self.messages
+            .insert(key, value)
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
+    pub(crate) fn remove_message(&self, key: &[u8]) -> Result<()> {
+        self.messages.remove(key).map(drop).map_err(|e| self.err(e))
+    }
+
+    pub(crate) fn apply(&self, batch: MessageBatch) -> Result<()> {
+        self.messages
+            .apply_batch(batch.batch)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Every record of one user, in key order.
+    pub(crate) fn scan(&self, prefix: &[u8]) -> Result<Vec<(Bytes, Bytes)>> {
+        self.messages
+            .scan_prefix(prefix)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// All message records, for recovery at open.
+    pub(crate) fn all_messages(&self) -> impl Iterator<Item = Result<(Bytes, Bytes)>> + '_ {
+        self.messages
+            .iter()
+            .map(|item| item.map_err(|e| self.err(e)))
+    }
+
+    /// All shared texts, for recovery at open.
+    pub(crate) fn all_texts(&self) -> impl Iterator<Item = Result<(Bytes, Bytes)>> + '_ {
+        self.texts.iter().map(|item| item.map_err(|e| self.err(e)))
+    }
+
+    pub(crate) fn get_text(&self, id: u64) -> Result<Option<Bytes>> {
+        self.texts
+            .get(crate::key::text_key(id))
+            .map_err(|e| self.err(e))
+    }
+
+    pub(crate) fn insert_text(&self, id: u64, value: &[u8]) -> Result<()> {
+        self.texts
+            .insert(crate::key::text_key(id), value)
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
+    pub(crate) fn remove_text(&self, key: &[u8]) -> Result<()> {
+        self.texts.remove(key).map(drop).map_err(|e| self.err(e))
+    }
+
+    /// Moves a damaged record out of `tree` into the quarantine. The copy is
+    /// written before the original is removed, so a crash in between leaves
+    /// both (harmless) rather than neither.
+    pub(crate) fn quarantine(
+        &self,
+        tree: &str,
+        key: &[u8],
+        value: &[u8],
+        reason: &str,
+    ) -> Result<()> {
+        let record = QuarantinedRecord {
+            tree: tree.to_owned(),
+            key: key.to_vec(),
+            value: value.to_vec(),
+            reason: reason.to_owned(),
+            at_ms: crate::message::now_ms(),
+        };
+        let mut bytes = vec![FORMAT_VERSION];
+        if let Ok(body) = bincode::serde::encode_to_vec(&record, bincode::config::standard()) {
+            bytes.extend_from_slice(&body);
+        }
+        let id = self.next_id()?;
+        self.quarantine
+            .insert(id.to_be_bytes(), bytes)
+            .map_err(|e| self.err(e))?;
+        let source = if tree == "texts" {
+            &self.texts
+        } else {
+            &self.messages
+        };
+        source.remove(key).map(drop).map_err(|e| self.err(e))
+    }
+
+    /// The records moved to quarantine, oldest first. Entries that cannot be
+    /// read themselves are skipped.
+    pub(crate) fn quarantined(&self) -> Result<Vec<QuarantinedRecord>> {
+        let mut out = Vec::new();
+        for item in self.quarantine.iter().values() {
+            let bytes = item.map_err(|e| self.err(e))?;
+            let Some((&FORMAT_VERSION, body)) = bytes.split_first() else {
+                continue;
+            };
+            if let Ok((record, _)) = bincode::serde::decode_from_slice::<QuarantinedRecord, _>(
+                body,
+                bincode::config::standard().with_limit::<{ 64 << 20 }>(),
+            ) {
+                out.push(record);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes every write so far durable (one fsync, shared by all trees).
+    pub(crate) fn flush(&self) -> Result<()> {
+        self.db.flush().map(drop).map_err(|e| self.err(e))
+    }
+
+    /// The database's size on disk, in bytes.
+    pub(crate) fn size_on_disk(&self) -> Result<u64> {
+        self.db.size_on_disk().map_err(|e| self.err(e))
+    }
+}

@@ -1,0 +1,161 @@
+//! The one error type.
+
+use std::path::PathBuf;
+
+/// A result whose error is this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong. Each message is a sentence that says what
+/// happened and, where there is one, what to do about it.
+///
+/// Errors caused by the caller's input (a message that is too large, an
+/// empty message, an over-long user id) are raised before anything is written:
+/// the store is unchanged.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The message text is larger than the store's limit; nothing was stored.
+    #[error(
+        "the message is {size} bytes, over this store's limit of {limit} bytes; nothing was stored (shorten it, or raise the limit with MessageStore::builder().max_message_bytes(..))"
+    )]
+    MessageTooLarge {
+        /// The text's size in bytes.
+        size: usize,
+        /// The store's limit in bytes.
+        limit: usize,
+    },
+
+    /// The message text is empty; nothing was stored.
+    #[error(
+        "the message text is empty; nothing was stored (an empty message shows the user nothing)"
+    )]
+    EmptyMessage,
+
+    /// A string user id is longer than [`UserId::MAX_STR_BYTES`](crate::UserId::MAX_STR_BYTES).
+    #[error(
+        "a user id is {len} bytes long, over the limit of {limit} bytes; nothing was stored (use a shorter id, such as the user's primary key)"
+    )]
+    UserIdTooLong {
+        /// The id's length in bytes.
+        len: usize,
+        /// The limit in bytes.
+        limit: usize,
+    },
+
+    /// A level name could not be parsed.
+    #[error(
+        "{input:?} is not a message level; use one of debug, info, success, warning, error (or 10, 20, 25, 30, 40)"
+    )]
+    UnknownLevel {
+        /// What was given.
+        input: String,
+    },
+
+    /// The builder was asked to open a store without a path.
+    #[error(
+        "no path was given for the message store; call MessageStore::builder().path(..) before open()"
+    )]
+    NoPath,
+
+    /// Another handle, in this process or another one, has the store open.
+    #[error(
+        "the message store at {path} is already open (in this process or another one); share one MessageStore handle (it is cheap to clone) or close the other process first"
+    )]
+    AlreadyOpen {
+        /// The store's directory.
+        path: PathBuf,
+    },
+
+    /// The path exists and is not a directory, so no store can be created there.
+    #[error(
+        "{path} exists and is not a directory; a message store is a directory, so choose another path"
+    )]
+    NotADirectory {
+        /// The path given.
+        path: PathBuf,
+    },
+
+    /// The operating system refused access to the store's files.
+    #[error(
+        "permission denied on the message store at {path}; check that this user can read and write that directory"
+    )]
+    PermissionDenied {
+        /// The store's directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The disk is full; the operation did not complete.
+    #[error(
+        "the disk holding the message store at {path} is full; free some space and try again (the failed operation was undone)"
+    )]
+    DiskFull {
+        /// The store's directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The store was written by a newer version of this library.
+    #[error(
+        "the message store at {path} uses format version {found}, but this version of async-messages reads only up to {supported}; upgrade async-messages"
+    )]
+    UnsupportedFormat {
+        /// The store's directory.
+        path: PathBuf,
+        /// The version found on disk.
+        found: u8,
+        /// The newest version this library reads.
+        supported: u8,
+    },
+
+    /// A stored record could not be decoded. It has been moved to the store's
+    /// quarantine (see [`MessageStore::quarantined`](crate::MessageStore::quarantined)),
+    /// so the next call for the same user works again.
+    #[error(
+        "a stored message record {what} is damaged ({reason}); it was moved to quarantine and the user's other messages are kept"
+    )]
+    Corrupt {
+        /// Which record, e.g. `for user 42`.
+        what: String,
+        /// Why it could not be decoded.
+        reason: String,
+    },
+
+    /// The storage engine failed (an I/O error or internal failure).
+    #[error("the message store at {path} failed: {source}")]
+    Storage {
+        /// The store's directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+}
+
+impl Error {
+    /// An equivalent error, for handing one failure to several waiters.
+    pub(crate) fn duplicate(&self) -> Error {
+        let io = |e: &std::io::Error| std::io::Error::new(e.kind(), e.to_string());
+        match self {
+            Error::DiskFull { path, source } => Error::DiskFull {
+                path: path.clone(),
+                source: io(source),
+            },
+            Error::PermissionDenied { path, source } => Error::PermissionDenied {
+                path: path.clone(),
+                source: io(source),
+            },
+            other => Error::Storage {
+                path: match other {
+                    Error::Storage { path, .. } => path.clone(),
+                    _ => PathBuf::new(),
+                },
+                source: other.to_string().into(),
+            },
+        }
+    }
+}

@@ -1,0 +1,78 @@
+#![doc = include_str!("../README.md")]
+//!
+//! # Design
+//!
+//! **Key layout.** One sled tree, `messages`, holds every queued message under
+//! `user ‖ sequence`, both big-endian, so byte order is (user, send order) and
+//! one prefix scan reads one user's queue:
+//!
+//! ```text
+//! integer user:  0x01 ‖ id: u64                     ‖ seq: u64
+//! string user:   0x02 ‖ len: u32 ‖ UTF-8 bytes       ‖ seq: u64
+//! ```
+//!
+//! The encoding is injective and prefix-free (no user's keys start with
+//! another user's prefix). Sequence numbers come from sled's `generate_id`:
+//! increasing, never reused, also across restarts.
+//!
+//! **Records.** Every value starts with a format version byte (now `1`),
+//! then a bincode body: level, send time and text. A message sent to many
+//! users is stored once in the `texts` tree under its sequence number; each
+//! recipient's record is then two bytes. A bulk send writes recipients in
+//! chunks of 8,192 and commits by writing the text last: until then its
+//! records are invisible, and after a crash they are rolled back at open.
+//! The database's own format version is kept in the `meta` tree; a newer one
+//! is refused with [`Error::UnsupportedFormat`].
+//!
+//! **Exactly once.** A drain holds a lock stripe for its user while it scans
+//! and removes the records it read, in one atomic batch. Sends take no lock: a
+//! record inserted during a drain was either read and removed, or stays.
+//!
+//! **The empty queue** (most requests) is answered from memory: a fixed table
+//! of counters indexed by a hash of the user, each an upper bound of that
+//! slot's queued records, rebuilt at open. Its size does not grow with users.
+//!
+//! **When data reaches disk.** [`Durability::Immediate`] (the default): a send
+//! or a drain returns after an fsync, shared by all concurrent callers (group
+//! commit on a dedicated thread). A crash — kill -9 or power loss — loses
+//! nothing acknowledged, and no acknowledged drain comes back. Writes not yet
+//! acknowledged when the crash hits may or may not survive; a bulk send
+//! survives whole or not at all. [`Durability::Periodic`]: sled writes in the
+//! background every interval (default 500 ms); a crash can lose sends
+//! acknowledged within the last interval, and drained messages from that
+//! interval can be delivered again.
+//!
+//! **What is kept.** Queued messages until drained; shared texts until their
+//! last recipient has drained; damaged records in the `quarantine` tree (see
+//! [`MessageStore::quarantined`]). Drained messages are removed, and sled
+//! reclaims their space as it rewrites its segments.
+//!
+//! **One process.** sled locks the directory; a second open, in this process
+//! or another, gets [`Error::AlreadyOpen`]. Reopening right after the last
+//! handle is dropped waits (up to [`Builder::lock_timeout`]) for sled's
+//! background threads to let go.
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+#![warn(missing_debug_implementations)]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
+mod backend;
+mod commit;
+mod error;
+mod index;
+mod key;
+mod level;
+mod message;
+mod record;
+mod store;
+mod user;
+
+pub use backend::QuarantinedRecord;
+pub use error::{Error, Result};
+pub use level::Level;
+pub use message::{BulkSend, Message, MessageId, Progress};
+pub use store::{Builder, Durability, Lease, MessageStore};
+pub use user::UserId;

@@ -1,0 +1,187 @@
+//! The value codec: every stored value starts with a format version byte,
+//! followed by a bincode body.
+//!
+//! ```text
+//! message record:  FORMAT_VERSION ‖ bincode(StoredMessage)
+//! shared text:     FORMAT_VERSION ‖ bincode(SharedText)
+//! ```
+//!
+//! A message sent to many users at once is stored once, as a shared text
+//! keyed by the send's id; each recipient's record is then the two bytes
+//! `FORMAT_VERSION ‖ Shared`, and the text id is the key's sequence number.
+//!
+//! Decoding never panics and never allocates more than the input's length.
+
+use serde::{Deserialize, Serialize};
+
+use crate::Level;
+
+/// The newest record format this library writes and reads.
+pub(crate) const FORMAT_VERSION: u8 = 1;
+
+/// Decoders refuse to allocate past this many bytes, whatever a damaged
+/// length prefix claims.
+const DECODE_LIMIT: usize = 32 << 20;
+
+#[derive(Serialize, Deserialize)]
+enum StoredMessage {
+    Inline {
+        level: u8,
+        sent_at_ms: u64,
+        text: String,
+    },
+    Shared,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SharedText {
+    level: u8,
+    sent_at_ms: u64,
+    text: String,
+}
+
+/// A decoded message record.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Record {
+    /// The text is in the record.
+    Inline {
+        level: Level,
+        sent_at_ms: u64,
+        text: String,
+    },
+    /// The text is the shared text whose id is the key's sequence number.
+    Shared,
+}
+
+/// A decoded shared text.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Text {
+    pub(crate) level: Level,
+    pub(crate) sent_at_ms: u64,
+    pub(crate) text: String,
+}
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<DECODE_LIMIT>()
+}
+
+fn encode<T: Serialize>(body: &T) -> Vec<u8> {
+    let mut out = vec![FORMAT_VERSION];
+    // Encoding into a Vec cannot fail for these plain structs; an error
+    // here would be a bincode bug, and is reported as an empty body, which
+    // the decoder then refuses rather than a panic in the write path.
+    if let Ok(bytes) = bincode::serde::encode_to_vec(body, config()) {
+        out.extend_from_slice(&bytes);
+    }
+    out
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    let (&version, body) = bytes
+        .split_first()
+        .ok_or_else(|| "the record is empty".to_owned())?;
+    if version == 0 || version > FORMAT_VERSION {
+        return Err(format!(
+            "format version {version}, but this library reads versions 1 to {FORMAT_VERSION}"
+        ));
+    }
+    let (value, used) = bincode::serde::decode_from_slice::<T, _>(body, config())
+        .map_err(|e| format!("the record does not decode: {e}"))?;
+    if used != body.len() {
+        return Err(format!(
+            "{} unexpected bytes after the record",
+            body.len() - used
+        ));
+    }
+    Ok(value)
+}
+
+fn level(value: u8) -> Result<Level, String> {
+    Level::from_value(value).ok_or_else(|| format!("unknown level {value}"))
+}
+
+pub(crate) fn encode_inline(level: Level, sent_at_ms: u64, text: &str) -> Vec<u8> {
+    encode(&StoredMessage::Inline {
+        level: level as u8,
+        sent_at_ms,
+        text: text.to_owned(),
+    })
+}
+
+/// The value of every recipient's record of a bulk send.
+pub(crate) fn encode_shared() -> Vec<u8> {
+    encode(&StoredMessage::Shared)
+}
+
+pub(crate) fn decode_record(bytes: &[u8]) -> Result<Record, String> {
+    Ok(match decode::<StoredMessage>(bytes)? {
+        StoredMessage::Inline {
+            level: value,
+            sent_at_ms,
+            text,
+        } => Record::Inline {
+            level: level(value)?,
+            sent_at_ms,
+            text,
+        },
+        StoredMessage::Shared => Record::Shared,
+    })
+}
+
+pub(crate) fn encode_text(level: Level, sent_at_ms: u64, text: &str) -> Vec<u8> {
+    encode(&SharedText {
+        level: level as u8,
+        sent_at_ms,
+        text: text.to_owned(),
+    })
+}
+
+pub(crate) fn decode_text(bytes: &[u8]) -> Result<Text, String> {
+    let body = decode::<SharedText>(bytes)?;
+    Ok(Text {
+        level: level(body.level)?,
+        sent_at_ms: body.sent_at_ms,
+        text: body.text,
+    })
+}
+
+/// The database-wide format marker kept in the meta tree.
+pub(crate) fn decode_format(bytes: &[u8]) -> Option<u8> {
+    match bytes {
+        [version] => Some(*version),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip() {
+        let bytes = encode_inline(Level::Warning, 5, "hi");
+        assert_eq!(
+            decode_record(&bytes),
+            Ok(Record::Inline {
+                level: Level::Warning,
+                sent_at_ms: 5,
+                text: "hi".into()
+            })
+        );
+        assert_eq!(decode_record(&encode_shared()), Ok(Record::Shared));
+        let text = decode_text(&encode_text(Level::Error, 9, "boom"));
+        assert_eq!(text.map(|t| t.text), Ok("boom".to_owned()));
+    }
+
+    #[test]
+    fn bad_bytes_are_errors() {
+        assert!(decode_record(&[]).is_err());
+        assert!(decode_record(&[2, 1]).is_err());
+        assert!(decode_record(&[1, 9]).is_err());
+        let mut trailing = encode_shared();
+        trailing.push(0);
+        assert!(decode_record(&trailing).is_err());
+        // A length prefix claiming a huge string must fail, not allocate.
+        assert!(decode_record(&[1, 0, 20, 5, 252, 255, 255, 255, 255]).is_err());
+    }
+}

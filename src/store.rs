@@ -1,0 +1,992 @@
+//! The message store: sending, draining, leasing.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use crate::backend::{Backend, Bytes, MessageBatch, OpenOptions, QuarantinedRecord};
+use crate::commit::GroupCommit;
+use crate::index::PendingIndex;
+use crate::message::{BulkSend, MessageId, Progress, now_ms};
+use crate::record::{self, Record};
+use crate::{Error, Level, Message, Result, UserId, key};
+
+/// When a write reaches the disk. See the crate docs' `# Design` section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Durability {
+    /// Every send and every drain returns only after it is on disk (fsync).
+    /// Concurrent callers share one fsync (group commit), so many threads
+    /// sending at once cost little more than one. After a crash or power
+    /// loss nothing acknowledged is lost and no drained message comes back.
+    /// The default.
+    #[default]
+    Immediate,
+    /// Writes reach the disk in the background, at least this often. A send
+    /// or drain acknowledged less than this long before a crash (kill -9 or
+    /// power loss) can be lost (a send) or come back (a drain).
+    /// [`MessageStore::flush`] forces a write to disk.
+    Periodic(Duration),
+}
+
+/// Settings for opening a [`MessageStore`]; made by [`MessageStore::builder`].
+#[derive(Debug, Clone)]
+#[must_use = "call .open() to open the store"]
+pub struct Builder {
+    path: Option<PathBuf>,
+    min_level: Level,
+    max_message_bytes: usize,
+    durability: Durability,
+    cache_bytes: u64,
+    lock_timeout: Duration,
+    index_slots: usize,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            path: None,
+            min_level: Level::Info,
+            max_message_bytes: MessageStore::DEFAULT_MAX_MESSAGE_BYTES,
+            durability: Durability::Immediate,
+            cache_bytes: 32 << 20,
+            lock_timeout: Duration::from_secs(2),
+            index_slots: 1 << 20,
+        }
+    }
+}
+
+impl Builder {
+    /// The directory holding the store; created if missing. Required.
+    pub fn path(mut self, path: impl AsRef<Path>) -> Self {
+        self.path = Some(path.as_ref().to_path_buf());
+        self
+    }
+
+    /// Messages below this level are not stored (the send returns `Ok(None)`),
+    /// as in Django. Default: [`Level::Info`], so [`Level::Debug`] is dropped.
+    pub fn min_level(mut self, level: Level) -> Self {
+        self.min_level = level;
+        self
+    }
+
+    /// The largest message text accepted, in bytes; larger ones are refused
+    /// with [`Error::MessageTooLarge`] and nothing is stored.
+    /// Default: 64 KiB. At most 16 MiB (larger values are lowered to that).
+    pub fn max_message_bytes(mut self, bytes: usize) -> Self {
+        self.max_message_bytes = bytes.min(MessageStore::MAX_MESSAGE_BYTES_LIMIT);
+        self
+    }
+
+    /// When writes reach the disk. Default: [`Durability::Immediate`].
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// Memory for sled's page cache, in bytes. Default: 32 MiB.
+    pub fn cache_bytes(mut self, bytes: u64) -> Self {
+        self.cache_bytes = bytes;
+        self
+    }
+
+    /// How long `open` retries when the store's lock is held. A handle
+    /// dropped a moment ago can hold it for a few milliseconds while its
+    /// background threads stop; a store open in another process holds it
+    /// until that process closes it, and `open` then fails with
+    /// [`Error::AlreadyOpen`]. A store open in this process is refused at once.
+    /// Default: 2 seconds.
+    pub fn lock_timeout(mut self, timeout: Duration) -> Self {
+        self.lock_timeout = timeout;
+        self
+    }
+
+    /// Counters in the in-memory index that answers "does this user have
+    /// messages?" without touching the disk (4 bytes each; rounded up to a
+    /// power of two). More slots, fewer false "maybe"s when many users have
+    /// messages queued. Default: 1,048,576 (4 MiB).
+    pub fn index_slots(mut self, slots: usize) -> Self {
+        self.index_slots = slots;
+        self
+    }
+
+    /// Opens the store, creating it if needed, and recovers from any crash:
+    /// a bulk send that did not finish is rolled back, and damaged records are
+    /// moved to quarantine (see [`MessageStore::quarantined`]).
+    ///
+    /// # Errors
+    /// [`Error::NoPath`] without a path; [`Error::NotADirectory`] if the path is
+    /// a file; [`Error::AlreadyOpen`] if the store is open elsewhere;
+    /// [`Error::PermissionDenied`]; [`Error::UnsupportedFormat`] for a store
+    /// written by a newer release; [`Error::Storage`] for other failures.
+    pub fn open(self) -> Result<MessageStore> {
+        let path = self.path.clone().ok_or(Error::NoPath)?;
+        if path.exists() && !path.is_dir() {
+            return Err(Error::NotADirectory { path });
+        }
+        std::fs::create_dir_all(&path).map_err(|e| crate::backend::io_error(&path, e))?;
+        let canonical =
+            std::fs::canonicalize(&path).map_err(|e| crate::backend::io_error(&path, e))?;
+        let registration = Registration::new(canonical)
+            .ok_or_else(|| Error::AlreadyOpen { path: path.clone() })?;
+        let backend = Backend::open(&OpenOptions {
+            path: &path,
+            cache_bytes: self.cache_bytes,
+            flush_every: match self.durability {
+                Durability::Immediate => Some(Duration::from_millis(500)),
+                Durability::Periodic(every) => Some(every),
+            },
+            lock_timeout: self.lock_timeout,
+        })?;
+        let commit = match self.durability {
+            Durability::Immediate => {
+                let flusher = backend.clone();
+                let thread = GroupCommit::start(move || flusher.flush())
+                    .map_err(|e| crate::backend::io_error(&path, e))?;
+                Some(thread)
+            }
+            Durability::Periodic(_) => None,
+        };
+        let inner = Inner {
+            commit,
+            index: PendingIndex::new(self.index_slots),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            leased: Mutex::new(HashSet::new()),
+            leased_count: AtomicUsize::new(0),
+            inflight: Mutex::new(HashSet::new()),
+            refs: Mutex::new(HashMap::new()),
+            min_level: self.min_level,
+            max_message_bytes: self.max_message_bytes,
+            backend,
+            _registration: registration,
+        };
+        inner.recover()?;
+        Ok(MessageStore {
+            inner: Arc::new(inner),
+        })
+    }
+}
+
+/// Paths of the stores open in this process.
+static OPEN: LazyLock<Mutex<HashSet<PathBuf>>> = LazyLock::new(|| Mutex::new(HashSet::new()));
+
+/// This process's claim on a store's path, released on drop.
+struct Registration(PathBuf);
+
+impl Registration {
+    fn new(path: PathBuf) -> Option<Registration> {
+        OPEN.lock()
+            .insert(path.clone())
+            .then_some(Registration(path))
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        OPEN.lock().remove(&self.0);
+    }
+}
+
+/// Lock stripes that make a drain atomic against other drains of its user.
+const STRIPES: usize = 1024;
+/// Recipients written per batch by a bulk send.
+const BULK_CHUNK: usize = 8192;
+
+/// A persistent queue of messages for users. Cheap to clone (one `Arc`);
+/// share it between threads. See the [crate docs](crate) for an example.
+#[derive(Clone)]
+pub struct MessageStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for MessageStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MessageStore")
+            .field("path", &self.inner.backend.path())
+            .field("min_level", &self.inner.min_level)
+            .field("max_message_bytes", &self.inner.max_message_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+// Field order is drop order: the commit thread stops first, the path is
+// released last, after sled has closed its files.
+struct Inner {
+    commit: Option<GroupCommit>,
+    index: PendingIndex,
+    stripes: Box<[Mutex<()>]>,
+    /// Keys currently leased: hidden from drains until committed or released.
+    leased: Mutex<HashSet<Bytes>>,
+    leased_count: AtomicUsize,
+    /// Bulk sends being written: their records are not visible yet.
+    inflight: Mutex<HashSet<u64>>,
+    /// Live recipients of each shared text; at zero the text is removed.
+    refs: Mutex<HashMap<u64, u64>>,
+    min_level: Level,
+    max_message_bytes: usize,
+    backend: Backend,
+    _registration: Registration,
+}
+
+/// What a read of one user's queue found.
+#[derive(Default)]
+struct Collected {
+    messages: Vec<Message>,
+    records: Vec<(Bytes, Bytes)>,
+    shared: Vec<u64>,
+}
+
+impl MessageStore {
+    /// The default for [`Builder::max_message_bytes`]: 64 KiB.
+    pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 10;
+    /// The largest value [`Builder::max_message_bytes`] accepts: 16 MiB.
+    pub const MAX_MESSAGE_BYTES_LIMIT: usize = 16 << 20;
+
+    /// Opens the store at `path` with the default settings; the same as
+    /// `MessageStore::builder().path(path).open()`.
+    ///
+    /// # Errors
+    /// As for [`Builder::open`].
+    pub fn open(path: impl AsRef<Path>) -> Result<MessageStore> {
+        MessageStore::builder().path(path).open()
+    }
+
+    /// Settings for opening a store, each with its default.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// The store's directory.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        self.inner.backend.path()
+    }
+
+    /// Queues `text` for `user`. Returns the message's id, or `None` when
+    /// `level` is below the store's minimum level (nothing is stored).
+    ///
+    /// # Errors
+    /// [`Error::MessageTooLarge`], [`Error::EmptyMessage`] and
+    /// [`Error::UserIdTooLong`] before anything is written; a storage error
+    /// (such as [`Error::DiskFull`]) if the write fails, in which case the
+    /// message is not queued.
+    pub fn message_user(
+        &self,
+        user: impl Into<UserId>,
+        text: impl Into<String>,
+        level: Level,
+    ) -> Result<Option<MessageId>> {
+        let text = text.into();
+        self.check_text(&text)?;
+        let prefix = key::user_prefix(&user.into())?;
+        if level < self.inner.min_level {
+            return Ok(None);
+        }
+        let inner = &self.inner;
+        let id = inner.backend.next_id()?;
+        let key = key::message_key(&prefix, id);
+        let slot = inner.index.slot(&prefix);
+        inner.index.add(slot, 1);
+        let value = record::encode_inline(level, now_ms(), &text);
+        if let Err(error) = inner.backend.insert_message(&key, &value) {
+            inner.index.sub(slot, 1);
+            return Err(error);
+        }
+        if let Err(error) = inner.commit() {
+            // Undo, so that an error means "not queued". The undo reaches the
+            // disk with the next successful flush.
+            if inner.backend.remove_message(&key).is_ok() {
+                inner.index.sub(slot, 1);
+            }
+            return Err(error);
+        }
+        Ok(Some(MessageId(id)))
+    }
+
+    /// Queues one message for every user in `users`, all or nothing: if any
+    /// user id is invalid or a write fails, no user gets the message. The
+    /// text is stored once, however many users there are, and the users are
+    /// written in chunks, so memory stays flat for any number of users. A
+    /// user listed twice gets the message once.
+    ///
+    /// # Errors
+    /// As for [`message_user`](Self::message_user); the text is checked
+    /// before anything is written.
+    pub fn message_users<U: Into<UserId>>(
+        &self,
+        users: impl IntoIterator<Item = U>,
+        text: impl Into<String>,
+        level: Level,
+    ) -> Result<BulkSend> {
+        self.message_users_with_progress(users, text, level, |_| {})
+    }
+
+    /// [`message_users`](Self::message_users), calling `progress` after each
+    /// chunk of recipients is written and once more when the send commits,
+    /// for a progress bar.
+    ///
+    /// # Errors
+    /// As for [`message_users`](Self::message_users).
+    pub fn message_users_with_progress<U: Into<UserId>>(
+        &self,
+        users: impl IntoIterator<Item = U>,
+        text: impl Into<String>,
+        level: Level,
+        mut progress: impl FnMut(Progress),
+    ) -> Result<BulkSend> {
+        let text = text.into();
+        self.check_text(&text)?;
+        if level < self.inner.min_level {
+            return Ok(BulkSend {
+                id: None,
+                recipients: 0,
+            });
+        }
+        let inner = &self.inner;
+        let id = inner.backend.next_id()?;
+        inner.inflight.lock().insert(id);
+        let written = inner.write_recipients(id, users, &mut progress);
+        let result = written.and_then(|recipients| {
+            if recipients == 0 {
+                return Ok(0);
+            }
+            inner.refs.lock().insert(id, recipients);
+            // The commit point: recipients' records are visible from here on.
+            let committed = inner
+                .backend
+                .insert_text(id, &record::encode_text(level, now_ms(), &text));
+            committed.map(|()| recipients)
+        });
+        // Visible (or, after a failure, orphaned: skipped and cleaned up by
+        // later reads) from here on.
+        inner.inflight.lock().remove(&id);
+        let recipients = match result {
+            Ok(recipients) => recipients,
+            Err(error) => {
+                inner.refs.lock().remove(&id);
+                return Err(error);
+            }
+        };
+        if recipients == 0 {
+            return Ok(BulkSend {
+                id: None,
+                recipients: 0,
+            });
+        }
+        if let Err(error) = inner.commit() {
+            // Un-commit: without its text the records are orphans.
+            let _ = inner.backend.remove_text(&key::text_key(id));
+            inner.refs.lock().remove(&id);
+            return Err(error);
+        }
+        progress(Progress {
+            written: recipients,
+            committed: true,
+        });
+        Ok(BulkSend {
+            id: Some(MessageId(id)),
+            recipients,
+        })
+    }
+
+    /// Queues a [`Level::Debug`] message (dropped unless the minimum level is lowered).
+    ///
+    /// # Errors
+    /// As for [`message_user`](Self::message_user).
+    pub fn debug(
+        &self,
+        user: impl Into<UserId>,
+        text: impl Into<String>,
+    ) -> Result<Option<MessageId>> {
+        self.message_user(user, text, Level::Debug)
+    }
+
+    /// Queues a [`Level::Info`] message.
+    ///
+    /// # Errors
+    /// As for [`message_user`](Self::message_user).
+    pub fn info(
+        &self,
+        user: impl Into<UserId>,
+        text: impl Into<String>,
+    ) -> Result<Option<MessageId>> {
+        self.message_user(user, text, Level::Info)
+    }
+
+    /// Queues a [`Level::Success`] message.
+    ///
+    /// # Errors
+    /// As for [`message_user`](Self::message_user).
+    pub fn success(
+        &self,
+        user: impl Into<UserId>,
+        text: impl Into<String>,
+    ) -> Result<Option<MessageId>> {
+        self.message_user(user, text, Level::Success)
+    }
+
+    /// Queues a [`Level::Warning`] message.
+    ///
+    /// # Errors
+    /// As for [`message_user`](Self::message_user).
+    pub fn warning(
+        &self,
+        user: impl Into<UserId>,
+        text: impl Into<String>,
+    ) -> Result<Option<MessageId>> {
+        self.message_user(user, text, Level::Warning)
+    }
+
+    /// Queues a [`Level::Error`] message.
+    ///
+    /// # Errors
+    /// As for [`message_user`](Self::message_user).
+    pub fn error(
+        &self,
+        user: impl Into<UserId>,
+        text: impl Into<String>,
+    ) -> Result<Option<MessageId>> {
+        self.message_user(user, text, Level::Error)
+    }
+
+    /// Returns `user`'s queued messages in send order and removes them,
+    /// atomically: each message is returned by exactly one call, however many
+    /// threads send and drain at once. Leased messages (see
+    /// [`lease_messages`](Self::lease_messages)) are skipped. An empty queue is
+    /// answered from memory, without touching the disk.
+    ///
+    /// With [`Durability::Immediate`] the removal is on disk before this returns,
+    /// so a drained message never comes back after a crash.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] if one of the user's records is damaged: it is moved
+    /// to quarantine, nothing is removed, and the next call returns the rest.
+    /// A storage error if the removal fails; the messages then stay queued.
+    pub fn get_messages(&self, user: impl Into<UserId>) -> Result<Vec<Message>> {
+        let prefix = key::user_prefix(&user.into())?;
+        let inner = &self.inner;
+        let slot = inner.index.slot(&prefix);
+        if inner.index.is_empty(slot) {
+            return Ok(Vec::new());
+        }
+        let collected = {
+            let _drain = inner.stripe(slot).lock();
+            let collected = inner.collect(&prefix, slot, true)?;
+            inner.remove(slot, &collected.records)?;
+            collected
+        };
+        inner.finish_removal(slot, collected)
+    }
+
+    /// Returns `user`'s queued messages in send order without removing them.
+    ///
+    /// # Errors
+    /// As for [`get_messages`](Self::get_messages).
+    pub fn peek(&self, user: impl Into<UserId>) -> Result<Vec<Message>> {
+        let prefix = key::user_prefix(&user.into())?;
+        let slot = self.inner.index.slot(&prefix);
+        if self.inner.index.is_empty(slot) {
+            return Ok(Vec::new());
+        }
+        Ok(self.inner.collect(&prefix, slot, false)?.messages)
+    }
+
+    /// How many messages `user` has queued (leased ones included).
+    ///
+    /// # Errors
+    /// As for [`get_messages`](Self::get_messages).
+    pub fn count(&self, user: impl Into<UserId>) -> Result<usize> {
+        self.peek(user).map(|messages| messages.len())
+    }
+
+    /// Takes `user`'s queued messages without removing them yet: they are
+    /// hidden from other drains and leases until the [`Lease`] is committed
+    /// (removed for good) or released (back in the queue). If the lease is
+    /// dropped, or the process dies, they come back. This gives at-least-once
+    /// delivery: use it when a message must survive a page that fails to render.
+    ///
+    /// # Errors
+    /// As for [`get_messages`](Self::get_messages).
+    pub fn lease_messages(&self, user: impl Into<UserId>) -> Result<Lease> {
+        let prefix = key::user_prefix(&user.into())?;
+        let inner = &self.inner;
+        let slot = inner.index.slot(&prefix);
+        let collected = if inner.index.is_empty(slot) {
+            Collected::default()
+        } else {
+            let _drain = inner.stripe(slot).lock();
+            let collected = inner.collect(&prefix, slot, true)?;
+            let mut leased = inner.leased.lock();
+            for (key, _) in &collected.records {
+                leased.insert(key.clone());
+            }
+            inner.leased_count.store(leased.len(), Ordering::Release);
+            collected
+        };
+        Ok(Lease {
+            store: self.clone(),
+            slot,
+            collected: Some(collected),
+        })
+    }
+
+    /// Makes every write so far durable. Only needed with
+    /// [`Durability::Periodic`].
+    ///
+    /// # Errors
+    /// A storage error if the disk write fails.
+    pub fn flush(&self) -> Result<()> {
+        self.inner.backend.flush()
+    }
+
+    /// The store's size on disk, in bytes.
+    ///
+    /// # Errors
+    /// A storage error if the files cannot be read.
+    pub fn size_on_disk(&self) -> Result<u64> {
+        self.inner.backend.size_on_disk()
+    }
+
+    /// The damaged records found so far (at open or when read), which were
+    /// moved aside so that they cannot block their user's queue.
+    ///
+    /// # Errors
+    /// A storage error if the quarantine cannot be read.
+    pub fn quarantined(&self) -> Result<Vec<QuarantinedRecord>> {
+        self.inner.backend.quarantined()
+    }
+
+    fn check_text(&self, text: &str) -> Result<()> {
+        if text.is_empty() {
+            return Err(Error::EmptyMessage);
+        }
+        if text.len() > self.inner.max_message_bytes {
+            return Err(Error::MessageTooLarge {
+                size: text.len(),
+                limit: self.inner.max_message_bytes,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Messages taken by [`MessageStore::lease_messages`], not yet removed.
+///
+/// [`commit`](Lease::commit) removes them; [`release`](Lease::release), or
+/// dropping the lease, puts them back in the queue.
+#[must_use = "a lease puts its messages back when dropped; call .commit() once they are shown"]
+pub struct Lease {
+    store: MessageStore,
+    slot: usize,
+    collected: Option<Collected>,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("messages", &self.messages())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Lease {
+    /// The leased messages, in send order.
+    #[must_use]
+    pub fn messages(&self) -> &[Message] {
+        self.collected
+            .as_ref()
+            .map_or(&[], |collected| collected.messages.as_slice())
+    }
+
+    /// Removes the leased messages for good.
+    ///
+    /// # Errors
+    /// A storage error if the removal fails; the messages then stay queued.
+    pub fn commit(mut self) -> Result<Vec<Message>> {
+        let Some(collected) = self.collected.take() else {
+            return Ok(Vec::new());
+        };
+        let inner = &self.store.inner;
+        let removed = {
+            let _drain = inner.stripe(self.slot).lock();
+            inner.remove(self.slot, &collected.records)
+        };
+        inner.unlease(&collected.records);
+        removed?;
+        inner.finish_removal(self.slot, collected)
+    }
+
+    /// Puts the messages back in the queue (the same as dropping the lease).
+    pub fn release(mut self) {
+        if let Some(collected) = self.collected.take() {
+            self.store.inner.unlease(&collected.records);
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(collected) = self.collected.take() {
+            self.store.inner.unlease(&collected.records);
+        }
+    }
+}
+
+impl Inner {
+    fn stripe(&self, slot: usize) -> &Mutex<()> {
+        &self.stripes[slot % STRIPES]
+    }
+
+    /// Waits until earlier writes are durable, when the store promises that.
+    fn commit(&self) -> Result<()> {
+        match &self.commit {
+            Some(group) => group.wait(|| self.backend.flush()),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes a bulk send's recipient records, in chunks. Returns how many.
+    fn write_recipients<U: Into<UserId>>(
+        &self,
+        id: u64,
+        users: impl IntoIterator<Item = U>,
+        progress: &mut impl FnMut(Progress),
+    ) -> Result<u64> {
+        let value = record::encode_shared();
+        let mut batch = MessageBatch::default();
+        let mut slots = Vec::with_capacity(BULK_CHUNK);
+        let mut written = 0_u64;
+        let flush_chunk = |batch: &mut MessageBatch, slots: &mut Vec<usize>| -> Result<()> {
+            let result = self.backend.apply(std::mem::take(batch));
+            if result.is_err() {
+                for slot in slots.iter() {
+                    self.index.sub(*slot, 1);
+                }
+            }
+            slots.clear();
+            result
+        };
+        for user in users {
+            let prefix = match key::user_prefix(&user.into()) {
+                Ok(prefix) => prefix,
+                Err(error) => {
+                    for slot in &slots {
+                        self.index.sub(*slot, 1);
+                    }
+                    return Err(error);
+                }
+            };
+            let slot = self.index.slot(&prefix);
+            self.index.add(slot, 1);
+            slots.push(slot);
+            batch.insert(&key::message_key(&prefix, id), &value);
+            if batch.len() >= BULK_CHUNK {
+                written += batch.len() as u64;
+                flush_chunk(&mut batch, &mut slots)?;
+                progress(Progress {
+                    written,
+                    committed: false,
+                });
+            }
+        }
+        if batch.len() > 0 {
+            written += batch.len() as u64;
+            flush_chunk(&mut batch, &mut slots)?;
+            progress(Progress {
+                written,
+                committed: false,
+            });
+        }
+        Ok(written)
+    }
+
+    /// Reads one user's queue. Orphans (records of a bulk send that failed or
+    /// was cut off by a crash) are removed; a damaged record is quarantined
+    /// and reported as [`Error::Corrupt`].
+    fn collect(&self, prefix: &[u8], slot: usize, skip_leased: bool) -> Result<Collected> {
+        let mut collected = Collected::default();
+        let mut orphans = Vec::new();
+        let records = self.backend.scan(prefix)?;
+        let leased = (skip_leased && self.leased_count.load(Ordering::Acquire) > 0)
+            .then(|| self.leased.lock().clone());
+        for (key, value) in records {
+            if leased.as_ref().is_some_and(|leased| leased.contains(&key)) {
+                continue;
+            }
+            let Some((_, seq)) = key::split_key(&key) else {
+                return Err(self.quarantine(
+                    slot,
+                    "messages",
+                    &key,
+                    &value,
+                    "the key is not a user and a sequence number",
+                ));
+            };
+            let message = match record::decode_record(&value) {
+                Err(reason) => return Err(self.quarantine(slot, "messages", &key, &value, &reason)),
+                Ok(Record::Inline {
+                    level,
+                    sent_at_ms,
+                    text,
+                }) => Message {
+                    id: MessageId(seq),
+                    level,
+                    sent_at_ms,
+                    text,
+                },
+                Ok(Record::Shared) => {
+                    // Check in-flight first: a send leaves that set only after
+                    // its text is written, so "not in flight, no text" is an orphan.
+                    if self.inflight.lock().contains(&seq) {
+                        continue;
+                    }
+                    let Some(bytes) = self.backend.get_text(seq)? else {
+                        orphans.push(key);
+                        continue;
+                    };
+                    match record::decode_text(&bytes) {
+                        Ok(text) => {
+                            collected.shared.push(seq);
+                            Message {
+                                id: MessageId(seq),
+                                level: text.level,
+                                sent_at_ms: text.sent_at_ms,
+                                text: text.text,
+                            }
+                        }
+                        Err(reason) => {
+                            self.refs.lock().remove(&seq);
+                            let text_key = key::text_key(seq);
+                            let _ = self.quarantine(slot, "texts", &text_key, &bytes, &reason);
+                            return Err(self.quarantine(
+                                slot,
+                                "messages",
+                                &key,
+                                &value,
+                                &format!("its shared text is damaged: {reason}"),
+                            ));
+                        }
+                    }
+                }
+            };
+            collected.messages.push(message);
+            collected.records.push((key, value));
+        }
+        if !orphans.is_empty() {
+            let mut batch = MessageBatch::default();
+            for key in &orphans {
+                batch.remove(key);
+            }
+            self.backend.apply(batch)?;
+            self.index
+                .sub(slot, u32::try_from(orphans.len()).unwrap_or(u32::MAX));
+        }
+        Ok(collected)
+    }
+
+    /// Moves a damaged record aside and returns the error to report.
+    fn quarantine(&self, slot: usize, tree: &str, key: &[u8], value: &[u8], reason: &str) -> Error {
+        let what = match key::split_key(key) {
+            Some((prefix, seq)) if tree == "messages" => match key::decode_user(prefix) {
+                Some(user) => format!("for user {user} (message {seq})"),
+                None => format!("with key {key:02x?}"),
+            },
+            _ => format!("in {tree} with key {key:02x?}"),
+        };
+        tracing::warn!(%what, %reason, "moving a damaged record to quarantine");
+        match self.backend.quarantine(tree, key, value, reason) {
+            Ok(()) => {
+                if tree == "messages" {
+                    self.index.sub(slot, 1);
+                }
+                Error::Corrupt {
+                    what,
+                    reason: reason.to_owned(),
+                }
+            }
+            Err(error) => error,
+        }
+    }
+
+    /// Removes drained records in one atomic batch.
+    fn remove(&self, slot: usize, records: &[(Bytes, Bytes)]) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut batch = MessageBatch::default();
+        for (key, _) in records {
+            batch.remove(key);
+        }
+        self.backend.apply(batch)?;
+        self.index
+            .sub(slot, u32::try_from(records.len()).unwrap_or(u32::MAX));
+        Ok(())
+    }
+
+    /// After a removal: waits for durability (putting the records back if
+    /// that fails), then releases shared texts no one needs any more.
+    fn finish_removal(&self, slot: usize, collected: Collected) -> Result<Vec<Message>> {
+        if collected.records.is_empty() {
+            return Ok(collected.messages);
+        }
+        if let Err(error) = self.commit() {
+            self.index.add(
+                slot,
+                u32::try_from(collected.records.len()).unwrap_or(u32::MAX),
+            );
+            let mut batch = MessageBatch::default();
+            for (key, value) in &collected.records {
+                batch.insert(key, value);
+            }
+            if let Err(restore) = self.backend.apply(batch) {
+                tracing::error!(%restore, "could not put back messages after a failed drain");
+            }
+            return Err(error);
+        }
+        let mut unused = Vec::new();
+        {
+            let mut refs = self.refs.lock();
+            for id in &collected.shared {
+                if let Some(count) = refs.get_mut(id) {
+                    *count = count.saturating_sub(1);
+                    if *count == 0 {
+                        refs.remove(id);
+                        unused.push(*id);
+                    }
+                }
+            }
+        }
+        for id in unused {
+            // After the records: a crash in between leaves an unused text,
+            // which the next open removes.
+            if let Err(error) = self.backend.remove_text(&key::text_key(id)) {
+                tracing::warn!(%error, id, "could not remove a delivered shared text; it is removed at the next open");
+            }
+        }
+        Ok(collected.messages)
+    }
+
+    fn unlease(&self, records: &[(Bytes, Bytes)]) {
+        let mut leased = self.leased.lock();
+        for (key, _) in records {
+            leased.remove(key);
+        }
+        self.leased_count.store(leased.len(), Ordering::Release);
+    }
+
+    /// Rebuilds the in-memory state from disk after open: the index, the
+    /// shared texts' recipient counts; rolls back unfinished bulk sends and
+    /// quarantines damaged records.
+    fn recover(&self) -> Result<()> {
+        #[derive(Clone)]
+        enum TextState {
+            Present,
+            Missing,
+            Damaged(String),
+        }
+        let mut texts: HashMap<u64, TextState> = HashMap::new();
+        let mut refs: HashMap<u64, u64> = HashMap::new();
+        let mut orphans = MessageBatch::default();
+        let mut damaged = Vec::new();
+        let mut records = 0_u64;
+        for item in self.backend.all_messages() {
+            let (key, value) = item?;
+            let Some((prefix, seq)) = key::split_key(&key) else {
+                damaged.push((
+                    key,
+                    value,
+                    "the key is not a user and a sequence number".to_owned(),
+                ));
+                continue;
+            };
+            let slot = self.index.slot(prefix);
+            match record::decode_record(&value) {
+                Err(reason) => damaged.push((key, value, reason)),
+                Ok(Record::Inline { .. }) => {
+                    records += 1;
+                    self.index.add(slot, 1);
+                }
+                Ok(Record::Shared) => {
+                    let state = match texts.get(&seq) {
+                        Some(state) => state.clone(),
+                        None => {
+                            let state = match self.backend.get_text(seq)? {
+                                None => TextState::Missing,
+                                Some(bytes) => match record::decode_text(&bytes) {
+                                    Ok(_) => TextState::Present,
+                                    Err(reason) => TextState::Damaged(reason),
+                                },
+                            };
+                            texts.insert(seq, state.clone());
+                            state
+                        }
+                    };
+                    match state {
+                        TextState::Present => {
+                            records += 1;
+                            *refs.entry(seq).or_default() += 1;
+                            self.index.add(slot, 1);
+                        }
+                        TextState::Missing => {
+                            orphans.remove(&key);
+                            if orphans.len() >= BULK_CHUNK {
+                                self.backend.apply(std::mem::take(&mut orphans))?;
+                            }
+                        }
+                        TextState::Damaged(reason) => {
+                            damaged.push((
+                                key,
+                                value,
+                                format!("its shared text is damaged: {reason}"),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        let rolled_back = orphans.len();
+        self.backend.apply(orphans)?;
+        for (key, value, reason) in &damaged {
+            self.backend.quarantine("messages", key, value, reason)?;
+        }
+        let mut unused_texts = 0_u64;
+        for item in self.backend.all_texts() {
+            let (key, value) = item?;
+            match key::split_text_key(&key) {
+                Some(id) if refs.contains_key(&id) => {}
+                Some(id) if matches!(texts.get(&id), Some(TextState::Damaged(_))) => {
+                    self.backend.quarantine(
+                        "texts",
+                        &key,
+                        &value,
+                        "the shared text does not decode",
+                    )?;
+                }
+                Some(_) => {
+                    unused_texts += 1;
+                    self.backend.remove_text(&key)?;
+                }
+                None => {
+                    self.backend
+                        .quarantine("texts", &key, &value, "the key is not a text id")?
+                }
+            }
+        }
+        *self.refs.lock() = refs;
+        if rolled_back + damaged.len() > 0 || unused_texts > 0 {
+            tracing::warn!(
+                path = %self.backend.path().display(),
+                rolled_back,
+                quarantined = damaged.len(),
+                unused_texts,
+                "recovered the message store"
+            );
+        }
+        tracing::debug!(records, "opened the message store");
+        Ok(())
+    }
+}
