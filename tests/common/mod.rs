@@ -1,0 +1,46 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use async_messages::{Durability, MessageStore, Result};
+
+/// A fresh directory for one test, removed when dropped.
+pub struct TestDir {
+    dir: tempfile::TempDir,
+}
+
+impl TestDir {
+    pub fn new() -> TestDir {
+        TestDir {
+            dir: tempfile::Builder::new()
+                .prefix("async-messages-test-")
+                .tempdir()
+                .expect("cannot create a temporary directory"),
+        }
+    }
+
+    /// The store's path inside the directory.
+    pub fn store_path(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    /// Opens the store with default settings.
+    pub fn open(&self) -> Result<MessageStore> {
+        MessageStore::open(self.store_path())
+    }
+
+    /// Opens the store with periodic durability (faster, for tests that do
+    /// not test durability).
+    pub fn open_fast(&self) -> Result<MessageStore> {
+        MessageStore::builder()
+            .path(self.store_path())
+            .durability(Durability::Periodic(std::time::Duration::from_millis(100)))
+            .open()
+    }
+}
+
+/// The texts of some messages.
+pub fn texts(messages: &[async_messages::Message]) -> Vec<String> {
+    messages.iter().map(|m| m.text().to_owned()).collect()
+}
