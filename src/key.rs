@@ -122,6 +122,38 @@ mod tests {
         Ok(())
     }
 
+    fn any_user() -> impl proptest::strategy::Strategy<Value = UserId> {
+        use proptest::prelude::*;
+        prop_oneof![
+            any::<u64>().prop_map(UserId::Int),
+            (0_u64..3).prop_map(UserId::Int),
+            "[ab\\x00\\x01é]{0,5}".prop_map(UserId::Str),
+            any::<String>().prop_map(UserId::Str),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Injective and prefix-free: different users never share a prefix,
+        /// and no user's prefix starts another user's key.
+        #[test]
+        fn codec_is_injective_and_prefix_free(a in any_user(), b in any_user(), seq in proptest::prelude::any::<u64>()) {
+            let pa = user_prefix(&a).expect("short ids encode");
+            let pb = user_prefix(&b).expect("short ids encode");
+            proptest::prop_assert_eq!(a == b, pa == pb);
+            let key_b = message_key(&pb, seq);
+            proptest::prop_assert_eq!(key_b.starts_with(&pa), a == b);
+            proptest::prop_assert_eq!(split_key(&key_b), Some((pb.as_slice(), seq)));
+            proptest::prop_assert_eq!(decode_user(&pa), Some(a));
+        }
+
+        /// Key order is (user, sequence): for one user, byte order is send order.
+        #[test]
+        fn one_users_keys_sort_by_sequence(user in any_user(), s1 in proptest::prelude::any::<u64>(), s2 in proptest::prelude::any::<u64>()) {
+            let prefix = user_prefix(&user).expect("short ids encode");
+            proptest::prop_assert_eq!(message_key(&prefix, s1).cmp(&message_key(&prefix, s2)), s1.cmp(&s2));
+        }
+    }
+
     #[test]
     fn over_long_string_ids_are_refused() {
         let long = UserId::Str("x".repeat(UserId::MAX_STR_BYTES + 1));

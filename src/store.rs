@@ -115,8 +115,10 @@ impl Builder {
     }
 
     /// Opens the store, creating it if needed, and recovers from any crash:
-    /// a bulk send that did not finish is rolled back, and damaged records are
-    /// moved to quarantine (see [`MessageStore::quarantined`]).
+    /// a bulk send that did not finish is rolled back, and records whose key
+    /// is damaged are moved to quarantine (see [`MessageStore::quarantined`]).
+    /// A record whose value is damaged stays until its user is read, which
+    /// reports it as [`Error::Corrupt`] and moves it to quarantine.
     ///
     /// # Errors
     /// [`Error::NoPath`] without a path; [`Error::NotADirectory`] if the path is
@@ -882,17 +884,18 @@ impl Inner {
     /// shared texts' recipient counts; rolls back unfinished bulk sends and
     /// quarantines damaged records.
     fn recover(&self) -> Result<()> {
-        #[derive(Clone)]
+        #[derive(Clone, Copy, PartialEq, Eq)]
         enum TextState {
             Present,
             Missing,
-            Damaged(String),
+            Damaged,
         }
         let mut texts: HashMap<u64, TextState> = HashMap::new();
         let mut refs: HashMap<u64, u64> = HashMap::new();
         let mut orphans = MessageBatch::default();
         let mut damaged = Vec::new();
         let mut records = 0_u64;
+        let mut unreadable = 0_u64;
         for item in self.backend.all_messages() {
             let (key, value) = item?;
             let Some((prefix, seq)) = key::split_key(&key) else {
@@ -905,45 +908,44 @@ impl Inner {
             };
             let slot = self.index.slot(prefix);
             match record::decode_record(&value) {
-                Err(reason) => damaged.push((key, value, reason)),
+                // Left in place: reading that user reports it as
+                // `Error::Corrupt` once and moves it to quarantine.
+                Err(_) => {
+                    unreadable += 1;
+                    self.index.add(slot, 1);
+                }
                 Ok(Record::Inline { .. }) => {
                     records += 1;
                     self.index.add(slot, 1);
                 }
                 Ok(Record::Shared) => {
                     let state = match texts.get(&seq) {
-                        Some(state) => state.clone(),
+                        Some(state) => *state,
                         None => {
                             let state = match self.backend.get_text(seq)? {
                                 None => TextState::Missing,
                                 Some(bytes) => match record::decode_text(&bytes) {
                                     Ok(_) => TextState::Present,
-                                    Err(reason) => TextState::Damaged(reason),
+                                    Err(_) => TextState::Damaged,
                                 },
                             };
-                            texts.insert(seq, state.clone());
+                            texts.insert(seq, state);
                             state
                         }
                     };
-                    match state {
-                        TextState::Present => {
+                    if state == TextState::Missing {
+                        orphans.remove(&key);
+                        if orphans.len() >= BULK_CHUNK {
+                            self.backend.apply(std::mem::take(&mut orphans))?;
+                        }
+                    } else {
+                        if state == TextState::Damaged {
+                            unreadable += 1;
+                        } else {
                             records += 1;
-                            *refs.entry(seq).or_default() += 1;
-                            self.index.add(slot, 1);
                         }
-                        TextState::Missing => {
-                            orphans.remove(&key);
-                            if orphans.len() >= BULK_CHUNK {
-                                self.backend.apply(std::mem::take(&mut orphans))?;
-                            }
-                        }
-                        TextState::Damaged(reason) => {
-                            damaged.push((
-                                key,
-                                value,
-                                format!("its shared text is damaged: {reason}"),
-                            ));
-                        }
+                        *refs.entry(seq).or_default() += 1;
+                        self.index.add(slot, 1);
                     }
                 }
             }
@@ -958,7 +960,7 @@ impl Inner {
             let (key, value) = item?;
             match key::split_text_key(&key) {
                 Some(id) if refs.contains_key(&id) => {}
-                Some(id) if matches!(texts.get(&id), Some(TextState::Damaged(_))) => {
+                Some(_) if record::decode_text(&value).is_err() => {
                     self.backend.quarantine(
                         "texts",
                         &key,
@@ -977,13 +979,14 @@ impl Inner {
             }
         }
         *self.refs.lock() = refs;
-        if rolled_back + damaged.len() > 0 || unused_texts > 0 {
+        if rolled_back + damaged.len() > 0 || unused_texts + unreadable > 0 {
             tracing::warn!(
                 path = %self.backend.path().display(),
                 rolled_back,
                 quarantined = damaged.len(),
+                unreadable,
                 unused_texts,
-                "recovered the message store"
+                "recovered the message store; unreadable records are reported and quarantined when their user is read"
             );
         }
         tracing::debug!(records, "opened the message store");
