@@ -181,9 +181,15 @@ struct Registration(PathBuf);
 
 impl Registration {
     fn new(path: PathBuf) -> Option<Registration> {
-        OPEN.lock()
-            .insert(path.clone())
-            .then_some(Registration(path))
+        // Not `bool::then_some`: that would build (and on failure drop) a
+        // Registration, whose Drop would take the lock held here and remove
+        // the other store's claim.
+        let claimed = OPEN.lock().insert(path.clone());
+        if claimed {
+            Some(Registration(path))
+        } else {
+            None
+        }
     }
 }
 
