@@ -362,6 +362,9 @@ impl MessageStore {
             if recipients == 0 {
                 return Ok(0);
             }
+            // A user listed twice has one record but is counted twice, so
+            // the count may be high: the text then outlives its last
+            // delivery until the next open, which recounts. Never low.
             inner.refs.lock().insert(id, recipients);
             // The commit point: recipients' records are visible from here on.
             let committed = inner
@@ -718,13 +721,12 @@ impl Inner {
     fn collect(&self, prefix: &[u8], slot: usize, skip_leased: bool) -> Result<Collected> {
         let mut collected = Collected::default();
         let mut orphans = Vec::new();
-        let records = self.backend.scan(prefix)?;
-        let leased = (skip_leased && self.leased_count.load(Ordering::Acquire) > 0)
-            .then(|| self.leased.lock().clone());
+        let mut records = self.backend.scan(prefix)?;
+        if skip_leased && self.leased_count.load(Ordering::Acquire) > 0 {
+            let leased = self.leased.lock();
+            records.retain(|(key, _)| !leased.contains(key));
+        }
         for (key, value) in records {
-            if leased.as_ref().is_some_and(|leased| leased.contains(&key)) {
-                continue;
-            }
             let Some((_, seq)) = key::split_key(&key) else {
                 return Err(self.quarantine(
                     slot,
