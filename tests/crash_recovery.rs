@@ -1,0 +1,688 @@
+//! Crash loop: a child process sends durable messages (the default
+//! `Durability::Immediate`) and drains some, printing every acknowledgement;
+//! the parent kills it with SIGKILL at a random moment, reopens the store and
+//! checks the promises of the crate docs' "When data reaches disk":
+//!
+//! - every acknowledged send is still queued or was delivered by an
+//!   acknowledged drain (or, only for a user whose drain was cut off by the
+//!   kill, was taken by that drain);
+//! - nothing is delivered twice and an acknowledged drain never comes back;
+//! - each user's messages keep each sender's order;
+//! - a bulk send is there for all its recipients or for none;
+//! - message ids are never reused across restarts;
+//! - nothing appears that was never sent.
+//!
+//! The child is this test binary re-invoked with `--exact crash_child
+//! --ignored` and the store's path in an environment variable. It prints an
+//! intent line before each call and an acknowledgement after it:
+//!
+//! ```text
+//! send T SEQ USER          sent T SEQ ID
+//! bulk T SEQ USER,USER..   bulked T SEQ ID
+//! draining T USER          drained T USER ID:TEXT ID:TEXT ...
+//! ```
+//!
+//! Texts are `cCYCLE.tTHREAD.sSEQ`, so every message names its sender.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use async_messages::{Durability, Level, MessageStore, Result, UserId};
+use common::TestDir;
+
+const DIR_ENV: &str = "ASYNC_MESSAGES_CRASH_DIR";
+const CYCLE_ENV: &str = "ASYNC_MESSAGES_CRASH_CYCLE";
+const SEED_ENV: &str = "ASYNC_MESSAGES_CRASH_SEED";
+const LAX_ENV: &str = "ASYNC_MESSAGES_CRASH_LAX";
+/// Sending and draining threads in the child.
+const THREADS: usize = 3;
+
+/// The users: integers and strings, including the tricky ones.
+fn user(index: usize) -> UserId {
+    const STRINGS: [&str; 12] = [
+        "",
+        "a",
+        "ab",
+        "a\0b",
+        "émilie",
+        "ann",
+        "bob",
+        "7",
+        "\u{1F600}",
+        " ",
+        "a\0",
+        "longer-name",
+    ];
+    const INTS: [u64; 12] = [
+        0,
+        1,
+        2,
+        7,
+        42,
+        255,
+        256,
+        65_536,
+        1 << 40,
+        u64::MAX - 1,
+        u64::MAX,
+        99,
+    ];
+    if index < INTS.len() {
+        UserId::Int(INTS[index])
+    } else {
+        UserId::from(STRINGS[index - INTS.len()])
+    }
+}
+const USERS: usize = 24;
+
+/// The thread that drains a user: each user has one, so its drains are in
+/// print order.
+fn owner(user: usize) -> usize {
+    user % THREADS
+}
+
+/// A small deterministic generator (xorshift64*), so a failing seed replays.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.max(1))
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+// ---------------------------------------------------------------- the child
+
+/// The child process: runs until killed. Does nothing unless started by
+/// the crash loop (so `cargo test -- --ignored` passes over it).
+#[test]
+#[ignore = "child process of the crash loop"]
+fn crash_child() {
+    let (Ok(dir), Ok(cycle), Ok(seed)) = (
+        std::env::var(DIR_ENV),
+        std::env::var(CYCLE_ENV),
+        std::env::var(SEED_ENV),
+    ) else {
+        return;
+    };
+    let cycle: u64 = cycle.parse().expect("cycle number");
+    let seed: u64 = seed.parse().expect("seed");
+    let out = Mutex::new(std::io::stdout());
+    let say = |line: String| {
+        let mut out = out.lock().expect("stdout lock");
+        out.write_all(line.as_bytes()).expect("write stdout");
+        out.write_all(b"\n").expect("write stdout");
+        out.flush().expect("flush stdout");
+    };
+    // A store that does not keep its durability promise, to show that this
+    // test catches one (see `the_check_catches_lost_acknowledged_writes`).
+    let mut builder = MessageStore::builder().path(&dir);
+    if std::env::var(LAX_ENV).is_ok_and(|v| v == "1") {
+        builder = builder.durability(Durability::Periodic(Duration::from_secs(3600)));
+    }
+    let store = match builder.open() {
+        Ok(store) => store,
+        Err(error) => {
+            say(format!("error open: {error}"));
+            std::process::exit(3);
+        }
+    };
+    // The test harness has printed "test crash_child ... " without a newline.
+    say("\nready".to_owned());
+    std::thread::scope(|scope| {
+        for thread in 0..THREADS {
+            let store = store.clone();
+            let say = &say;
+            scope.spawn(move || {
+                let mut rng = Rng::new(seed ^ (thread as u64 + 1).wrapping_mul(0x9e37_79b9));
+                let started = Instant::now();
+                let mut seq = 0_u64;
+                // A safety cap: the parent kills long before this.
+                while started.elapsed() < Duration::from_secs(60) {
+                    let roll = rng.below(100);
+                    let result = if roll < 55 {
+                        seq += 1;
+                        let to = rng.below(USERS as u64) as usize;
+                        say(format!("send {thread} {seq} {to}"));
+                        store
+                            .message_user(
+                                user(to),
+                                format!("c{cycle}.t{thread}.s{seq}"),
+                                Level::Info,
+                            )
+                            .map(|id| {
+                                say(format!("sent {thread} {seq} {}", id.expect("stored").get()))
+                            })
+                    } else if roll < 65 {
+                        seq += 1;
+                        let mut to: Vec<usize> = (0..USERS).collect();
+                        for i in 0..to.len() {
+                            let j = i + rng.below((to.len() - i) as u64) as usize;
+                            to.swap(i, j);
+                        }
+                        to.truncate(1 + rng.below(6) as usize);
+                        let list: Vec<String> = to.iter().map(usize::to_string).collect();
+                        say(format!("bulk {thread} {seq} {}", list.join(",")));
+                        store
+                            .message_users(
+                                to.iter().map(|u| user(*u)),
+                                format!("c{cycle}.t{thread}.s{seq}"),
+                                Level::Info,
+                            )
+                            .map(|sent| {
+                                say(format!(
+                                    "bulked {thread} {seq} {}",
+                                    sent.id().expect("stored").get()
+                                ))
+                            })
+                    } else {
+                        let mine: Vec<usize> = (0..USERS).filter(|u| owner(*u) == thread).collect();
+                        let from = mine[rng.below(mine.len() as u64) as usize];
+                        say(format!("draining {thread} {from}"));
+                        store.get_messages(user(from)).map(|messages| {
+                            let mut line = format!("drained {thread} {from}");
+                            for message in messages {
+                                line.push_str(&format!(
+                                    " {}:{}",
+                                    message.id().get(),
+                                    message.text()
+                                ));
+                            }
+                            say(line);
+                        })
+                    };
+                    if let Err(error) = result {
+                        say(format!("error {thread}: {error}"));
+                        std::process::exit(3);
+                    }
+                }
+            });
+        }
+    });
+}
+
+// --------------------------------------------------------------- the parent
+
+/// A message, named by its text: `(cycle, thread, seq)`.
+type Key = (u64, u64, u64);
+
+fn parse_text(text: &str) -> Option<Key> {
+    let mut parts = text.split('.');
+    let c = parts.next()?.strip_prefix('c')?.parse().ok()?;
+    let t = parts.next()?.strip_prefix('t')?.parse().ok()?;
+    let s = parts.next()?.strip_prefix('s')?.parse().ok()?;
+    parts.next().is_none().then_some((c, t, s))
+}
+
+/// What the child set out to send.
+#[derive(Debug)]
+struct Intent {
+    users: Vec<usize>,
+    bulk: bool,
+    /// The acknowledged id, if the send returned before the kill.
+    acked: Option<u64>,
+}
+
+/// One cycle's output, parsed.
+#[derive(Default, Debug)]
+struct Output {
+    ready: bool,
+    intents: BTreeMap<Key, Intent>,
+    /// Acknowledged drains per user, in order: (id, message) pairs.
+    drains: HashMap<usize, Vec<Vec<(u64, Key)>>>,
+    /// Users whose drain was cut off: it may or may not have happened.
+    pending: HashSet<usize>,
+}
+
+fn parse_output(cycle: u64, lines: &[String]) -> std::result::Result<Output, String> {
+    let mut out = Output::default();
+    let mut draining: HashMap<usize, bool> = HashMap::new();
+    for line in lines {
+        let words: Vec<&str> = line.split(' ').collect();
+        let num = |i: usize| -> std::result::Result<u64, String> {
+            words
+                .get(i)
+                .and_then(|w| w.parse().ok())
+                .ok_or_else(|| format!("bad line {line:?}"))
+        };
+        match words[0] {
+            "ready" => out.ready = true,
+            "send" | "bulk" => {
+                let users = if words[0] == "send" {
+                    vec![num(3)? as usize]
+                } else {
+                    words
+                        .get(3)
+                        .ok_or("bad bulk line")?
+                        .split(',')
+                        .map(|u| u.parse().map_err(|_| format!("bad line {line:?}")))
+                        .collect::<std::result::Result<_, _>>()?
+                };
+                let key = (cycle, num(1)?, num(2)?);
+                out.intents.insert(
+                    key,
+                    Intent {
+                        users,
+                        bulk: words[0] == "bulk",
+                        acked: None,
+                    },
+                );
+            }
+            "sent" | "bulked" => {
+                let key = (cycle, num(1)?, num(2)?);
+                let intent = out
+                    .intents
+                    .get_mut(&key)
+                    .ok_or_else(|| format!("ack without intent: {line:?}"))?;
+                intent.acked = Some(num(3)?);
+            }
+            "draining" => {
+                draining.insert(num(2)? as usize, true);
+            }
+            "drained" => {
+                let from = num(2)? as usize;
+                draining.insert(from, false);
+                let mut got = Vec::new();
+                for word in &words[3..] {
+                    let (id, text) = word.split_once(':').ok_or("bad drained word")?;
+                    let id = id.parse().map_err(|_| "bad id")?;
+                    let key = parse_text(text).ok_or_else(|| format!("unknown text {text:?}"))?;
+                    got.push((id, key));
+                }
+                out.drains.entry(from).or_default().push(got);
+            }
+            "error" => return Err(format!("the child failed: {line}")),
+            _ => {} // the test harness's own lines
+        }
+    }
+    out.pending = draining
+        .into_iter()
+        .filter_map(|(u, pending)| pending.then_some(u))
+        .collect();
+    Ok(out)
+}
+
+/// The parent's knowledge across cycles.
+#[derive(Default)]
+struct World {
+    /// Each user's queue as read at the end of the last cycle.
+    queues: Vec<Vec<(u64, Key)>>,
+    /// Every (message, user) ever delivered.
+    delivered: HashSet<(Key, usize)>,
+    /// Every intent, all cycles: who each message was for.
+    intents: HashMap<Key, Vec<usize>>,
+    /// The largest message id seen in earlier cycles.
+    max_id_before: Option<u64>,
+    // Figures.
+    acked_sends: u64,
+    acked_drains: u64,
+    vanished_in_cut_drains: u64,
+    unacked_sends_survived: u64,
+    unacked_sends_lost: u64,
+    killed_before_ready: u64,
+}
+
+/// `a` was inserted before `b` started: `b` cannot be seen without `a`.
+fn inserted_before(a: Key, b: Key) -> bool {
+    a.0 < b.0 || (a.0 == b.0 && a.1 == b.1 && a.2 < b.2)
+}
+
+impl World {
+    fn check(
+        &mut self,
+        cycle: u64,
+        out: &Output,
+        found: &[Vec<(u64, Key)>],
+    ) -> std::result::Result<(), String> {
+        for (key, intent) in &out.intents {
+            self.intents.insert(*key, intent.users.clone());
+        }
+        let mut max_id = self.max_id_before;
+        let mut seen_anywhere: HashMap<Key, HashSet<usize>> = HashMap::new();
+        for u in 0..USERS {
+            let drained: Vec<(u64, Key)> = out
+                .drains
+                .get(&u)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .copied()
+                .collect();
+            let queue = &found[u];
+            let all: Vec<(u64, Key)> = drained.iter().chain(queue).copied().collect();
+            let ctx = |what: String| format!("cycle {cycle}, user {u} ({:?}): {what}", user(u));
+            // Nothing that was never sent to this user; nothing twice.
+            let mut here = HashSet::new();
+            for (id, key) in &all {
+                if !self
+                    .intents
+                    .get(key)
+                    .is_some_and(|users| users.contains(&u))
+                {
+                    return Err(ctx(format!("message {key:?} was never sent to this user")));
+                }
+                if !here.insert(*key) {
+                    return Err(ctx(format!("message {key:?} is delivered or queued twice")));
+                }
+                if self.delivered.contains(&(*key, u)) {
+                    return Err(ctx(format!(
+                        "message {key:?} was delivered before and came back"
+                    )));
+                }
+                if let Some(Some(acked)) = out.intents.get(key).map(|i| i.acked)
+                    && acked != *id
+                {
+                    return Err(ctx(format!(
+                        "message {key:?} has id {id}, acknowledged as {acked}"
+                    )));
+                }
+                if key.0 == cycle && self.max_id_before.is_some_and(|before| *id <= before) {
+                    return Err(ctx(format!(
+                        "message {key:?} has id {id}, not above the ids of earlier runs (up to {:?}): an id was reused",
+                        self.max_id_before
+                    )));
+                }
+                max_id = max_id.max(Some(*id));
+                seen_anywhere.entry(*key).or_default().insert(u);
+            }
+            // Order: earlier cycles first, each sender's messages in send order.
+            let mut last: HashMap<(u64, u64), u64> = HashMap::new();
+            for pair in all.windows(2) {
+                if pair[1].1.0 < pair[0].1.0 {
+                    return Err(ctx(format!(
+                        "{:?} of an earlier run comes after {:?}: {all:?}",
+                        pair[1].1, pair[0].1
+                    )));
+                }
+            }
+            for (_, (c, t, s)) in &all {
+                if let Some(before) = last.insert((*c, *t), *s)
+                    && before >= *s
+                {
+                    return Err(ctx(format!(
+                        "sender c{c}.t{t}: s{s} was sent before s{before} but comes after it: {all:?}"
+                    )));
+                }
+            }
+            if queue.windows(2).any(|w| w[0].0 >= w[1].0) {
+                return Err(ctx(format!("the queue is not in id order: {queue:?}")));
+            }
+            // Everything expected is there, unless a cut-off drain took it.
+            let expected = self.queues[u].iter().map(|(_, key)| *key).chain(
+                out.intents
+                    .iter()
+                    .filter(|(_, i)| i.acked.is_some() && i.users.contains(&u))
+                    .map(|(key, _)| *key),
+            );
+            for missing in expected.filter(|key| !here.contains(key)) {
+                if !out.pending.contains(&u) {
+                    return Err(ctx(format!(
+                        "acknowledged message {missing:?} is lost (no drain of this user was cut off)"
+                    )));
+                }
+                if let Some((_, later)) = queue.iter().find(|(_, f)| inserted_before(*f, missing)) {
+                    return Err(ctx(format!(
+                        "{missing:?} vanished in a cut-off drain, but {later:?}, sent before it, is still queued"
+                    )));
+                }
+                self.vanished_in_cut_drains += 1;
+            }
+            for (_, key) in &drained {
+                self.delivered.insert((*key, u));
+            }
+        }
+        // Bulk sends: all recipients or none (except users whose drain was cut off).
+        for (key, intent) in &out.intents {
+            let got = seen_anywhere.get(key).map_or(0, HashSet::len);
+            if intent.acked.is_none() {
+                if got > 0 {
+                    self.unacked_sends_survived += 1;
+                } else {
+                    self.unacked_sends_lost += 1;
+                }
+            } else {
+                self.acked_sends += 1;
+            }
+            if intent.bulk && got > 0 {
+                for u in &intent.users {
+                    let has = seen_anywhere
+                        .get(key)
+                        .is_some_and(|users| users.contains(u));
+                    if !has && !out.pending.contains(u) {
+                        return Err(format!(
+                            "cycle {cycle}: bulk send {key:?} to {:?} reached {:?} but not user {u}",
+                            intent.users,
+                            seen_anywhere.get(key)
+                        ));
+                    }
+                }
+            }
+        }
+        self.acked_drains += out.drains.values().map(|d| d.len() as u64).sum::<u64>();
+        self.queues = found.to_vec();
+        self.max_id_before = max_id;
+        Ok(())
+    }
+}
+
+/// Reads the child's stdout on a thread: complete lines go to the channel.
+fn read_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match reader.read_until(b'\n', &mut line) {
+                // A line cut off by the kill has no newline: not printed.
+                Ok(_) if line.last() == Some(&b'\n') => {
+                    line.pop();
+                    if tx
+                        .send(String::from_utf8_lossy(&line).into_owned())
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                _ => return,
+            }
+        }
+    });
+    rx
+}
+
+/// The last lines of a child's output, for a failure message.
+fn tail(lines: &[String]) -> &[String] {
+    &lines[lines.len().saturating_sub(20)..]
+}
+
+/// Runs the loop; `Err` describes the first broken promise.
+fn crash_loop(cycles: u64, lax: bool) -> Result<std::result::Result<(), String>> {
+    let seed = std::env::var(SEED_ENV)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
+    println!("crash loop: {cycles} cycles, seed {seed} (set {SEED_ENV} to replay)");
+    let mut rng = Rng::new(seed);
+    let dir = TestDir::new();
+    let path = dir.store_path();
+    let mut world = World {
+        queues: vec![Vec::new(); USERS],
+        ..World::default()
+    };
+    let started = Instant::now();
+    // How long the child took to open the store, for kills during start-up.
+    let mut ready_ms = 50;
+    for cycle in 0..cycles {
+        let child_seed = rng.next();
+        let mut child = Command::new(std::env::current_exe().expect("test binary path"))
+            .args([
+                "--exact",
+                "crash_child",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(DIR_ENV, &path)
+            .env(CYCLE_ENV, cycle.to_string())
+            .env(SEED_ENV, child_seed.to_string())
+            .env(LAX_ENV, if lax { "1" } else { "" })
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn the child");
+        let lines_rx = read_lines(&mut child);
+        let mut lines = Vec::new();
+        // One cycle in six is killed at a random moment of start-up and
+        // recovery; the others while sending and draining.
+        let spawned = Instant::now();
+        if rng.below(6) == 0 {
+            std::thread::sleep(Duration::from_millis(rng.below(ready_ms.max(2))));
+        } else {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !lines.iter().any(|l: &String| l == "ready") {
+                match lines_rx.recv_timeout(Duration::from_millis(100)) {
+                    Ok(line) => lines.push(line),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        assert!(
+                            Instant::now() < deadline,
+                            "cycle {cycle}: the child never opened the store"
+                        );
+                        if let Some(status) = child.try_wait().expect("try_wait") {
+                            panic!(
+                                "cycle {cycle}: the child exited early with {status}: {lines:?}"
+                            );
+                        }
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        panic!(
+                            "cycle {cycle}: the child closed its output: {:?}",
+                            tail(&lines)
+                        )
+                    }
+                }
+            }
+            ready_ms = spawned.elapsed().as_millis() as u64;
+            std::thread::sleep(Duration::from_millis(20 + rng.below(250)));
+        }
+        child.kill().expect("SIGKILL the child");
+        let status = child.wait().expect("wait for the child");
+        lines.extend(lines_rx.iter());
+        {
+            use std::os::unix::process::ExitStatusExt;
+            if status.signal() != Some(9) {
+                panic!(
+                    "cycle {cycle}: the child was not killed but ended with {status}: {lines:?}"
+                );
+            }
+        }
+        let out = parse_output(cycle, &lines).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        if !out.ready {
+            world.killed_before_ready += 1;
+        }
+
+        let store = MessageStore::open(&path)?;
+        let mut found = Vec::with_capacity(USERS);
+        for u in 0..USERS {
+            let queue: Vec<(u64, Key)> = store
+                .peek(user(u))?
+                .iter()
+                .map(|m| {
+                    let key = parse_text(m.text())
+                        .unwrap_or_else(|| panic!("unknown text {:?}", m.text()));
+                    (m.id().get(), key)
+                })
+                .collect();
+            found.push(queue);
+        }
+        if let Err(problem) = world.check(cycle, &out, &found) {
+            return Ok(Err(format!("seed {seed}: {problem}")));
+        }
+        // Now and then the parent drains a few users: those must not come back either.
+        for u in 0..USERS {
+            if rng.below(4) == 0 {
+                let got: Vec<(u64, Key)> = store
+                    .get_messages(user(u))?
+                    .iter()
+                    .map(|m| (m.id().get(), parse_text(m.text()).expect("known text")))
+                    .collect();
+                assert_eq!(
+                    got, world.queues[u],
+                    "seed {seed}: a drain returns what peek showed"
+                );
+                for (_, key) in got {
+                    world.delivered.insert((key, u));
+                }
+                world.queues[u].clear();
+            }
+        }
+        drop(store);
+    }
+    let queued: usize = world.queues.iter().map(Vec::len).sum();
+    println!(
+        "crash loop: {cycles} cycles in {:.1} s ({} killed during start-up); {} acknowledged sends, {} acknowledged drains, {} messages delivered, {queued} still queued; unacknowledged sends: {} survived, {} lost; {} messages taken by drains cut off by the kill",
+        started.elapsed().as_secs_f64(),
+        world.killed_before_ready,
+        world.acked_sends,
+        world.acked_drains,
+        world.delivered.len(),
+        world.unacked_sends_survived,
+        world.unacked_sends_lost,
+        world.vanished_in_cut_drains,
+    );
+    assert!(
+        world.acked_sends > cycles,
+        "the child did too little to prove anything"
+    );
+    assert!(world.acked_drains > 0);
+    Ok(Ok(()))
+}
+
+#[test]
+fn crash_loop_keeps_every_acknowledged_send_and_drain() -> Result<()> {
+    crash_loop(24, false)?.map_err(|problem| panic!("{problem}"))
+}
+
+/// `cargo test --all-features --release --test crash_recovery -- --ignored --nocapture crash_loop_long`
+#[test]
+#[ignore = "long run: 200 cycles"]
+fn crash_loop_long() -> Result<()> {
+    let cycles = std::env::var("ASYNC_MESSAGES_CRASH_CYCLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
+    crash_loop(cycles, false)?.map_err(|problem| panic!("{problem}"))
+}
+
+/// The check can fail: a child whose store only flushes once an hour
+/// (`Durability::Periodic`) loses acknowledged sends and brings back
+/// acknowledged drains when killed, and the loop must notice.
+#[test]
+fn the_check_catches_lost_acknowledged_writes() -> Result<()> {
+    let outcome = crash_loop(4, true)?;
+    let problem = outcome.expect_err("a store without fsync passed the crash check");
+    println!("caught, as it should: {problem}");
+    assert!(
+        problem.contains("is lost") || problem.contains("came back") || problem.contains("twice"),
+        "{problem}"
+    );
+    Ok(())
+}
