@@ -1,0 +1,219 @@
+//! Model test: random sequences of sends, bulk sends, drains, peeks, counts
+//! and close/reopen, run against the store and against a plain in-memory
+//! reference (`BTreeMap<UserId, VecDeque<..>>`); after every step both must
+//! agree exactly (texts, levels, ids, order).
+//!
+//! 256 cases by default (or `PROPTEST_CASES`); 10,000 in the ignored
+//! `model_long`.
+
+mod common;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use async_messages::{Durability, Error, Level, MessageStore, UserId};
+use common::TestDir;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError};
+
+/// Users, including the tricky ones: 0 and `u64::MAX`, `""`, `"a"` next
+/// to `"ab"`, a NUL byte, non-ASCII, and `"0"` next to integer 0.
+fn users() -> Vec<UserId> {
+    vec![
+        UserId::Int(0),
+        UserId::Int(1),
+        UserId::Int(u64::MAX),
+        UserId::Int(256),
+        UserId::from(""),
+        UserId::from("a"),
+        UserId::from("ab"),
+        UserId::from("a\0b"),
+        UserId::from("a\0"),
+        UserId::from("émilie"),
+        UserId::from("0"),
+        UserId::from("日本語"),
+    ]
+}
+
+fn any_level() -> impl Strategy<Value = Level> {
+    prop_oneof![
+        Just(Level::Debug),
+        Just(Level::Info),
+        Just(Level::Success),
+        Just(Level::Warning),
+        Just(Level::Error),
+    ]
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Send(usize, String, Level),
+    SendMany(Vec<usize>, String, Level),
+    Get(usize),
+    Peek(usize),
+    Count(usize),
+    Reopen,
+}
+
+fn any_op() -> impl Strategy<Value = Op> {
+    let user = 0..users().len();
+    // Mostly ordinary texts; now and then an empty one (refused).
+    let text = prop_oneof![9 => "[a-zé \\x00]{1,12}", 1 => Just(String::new())];
+    prop_oneof![
+        6 => (user.clone(), text.clone(), any_level()).prop_map(|(u, t, l)| Op::Send(u, t, l)),
+        2 => (proptest::collection::vec(user.clone(), 0..6), text, any_level())
+            .prop_map(|(u, t, l)| Op::SendMany(u, t, l)),
+        3 => user.clone().prop_map(Op::Get),
+        2 => user.clone().prop_map(Op::Peek),
+        1 => user.prop_map(Op::Count),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+/// What the reference holds for each message: id, text, level.
+type Queued = (u64, String, Level);
+
+fn open(dir: &TestDir) -> async_messages::Result<MessageStore> {
+    MessageStore::builder()
+        .path(dir.store_path())
+        // Durability is not the point here (the crash loop tests it);
+        // a clean close must keep everything anyway.
+        .durability(Durability::Periodic(Duration::from_secs(60)))
+        .index_slots(64) // small, so that users share slots
+        .open()
+}
+
+fn shown(messages: &[async_messages::Message]) -> Vec<Queued> {
+    messages
+        .iter()
+        .map(|m| (m.id().get(), m.text().to_owned(), m.level()))
+        .collect()
+}
+
+fn run(ops: &[Op]) -> Result<(), TestCaseError> {
+    let fail = |e: Error| TestCaseError::fail(format!("unexpected error: {e}"));
+    let users = users();
+    let dir = TestDir::new();
+    let mut store = open(&dir).map_err(fail)?;
+    let mut model: BTreeMap<UserId, VecDeque<Queued>> = BTreeMap::new();
+    let mut last_id: Option<u64> = None;
+    for op in ops {
+        match op {
+            Op::Send(u, text, level) => {
+                let result = store.message_user(&users[*u], text.as_str(), *level);
+                if text.is_empty() {
+                    prop_assert!(matches!(result, Err(Error::EmptyMessage)), "{result:?}");
+                    continue;
+                }
+                let id = result.map_err(fail)?;
+                if *level < Level::Info {
+                    prop_assert_eq!(id, None);
+                    continue;
+                }
+                let id = id
+                    .ok_or_else(|| TestCaseError::fail("no id for a stored message"))?
+                    .get();
+                prop_assert!(
+                    last_id.is_none_or(|last| id > last),
+                    "ids grow: {id} after {last_id:?}"
+                );
+                last_id = Some(id);
+                model
+                    .entry(users[*u].clone())
+                    .or_default()
+                    .push_back((id, text.clone(), *level));
+            }
+            Op::SendMany(list, text, level) => {
+                let result =
+                    store.message_users(list.iter().map(|u| &users[*u]), text.as_str(), *level);
+                if text.is_empty() {
+                    prop_assert!(matches!(result, Err(Error::EmptyMessage)), "{result:?}");
+                    continue;
+                }
+                let sent = result.map_err(fail)?;
+                if *level < Level::Info || list.is_empty() {
+                    prop_assert_eq!(sent.id(), None);
+                    prop_assert_eq!(sent.recipients(), 0);
+                    continue;
+                }
+                // A user listed twice counts twice but gets the message once.
+                prop_assert_eq!(sent.recipients(), list.len() as u64);
+                let id = sent
+                    .id()
+                    .ok_or_else(|| TestCaseError::fail("no id for a bulk send"))?
+                    .get();
+                prop_assert!(
+                    last_id.is_none_or(|last| id > last),
+                    "ids grow: {id} after {last_id:?}"
+                );
+                last_id = Some(id);
+                let mut distinct = list.clone();
+                distinct.sort_unstable();
+                distinct.dedup();
+                for u in distinct {
+                    model.entry(users[u].clone()).or_default().push_back((
+                        id,
+                        text.clone(),
+                        *level,
+                    ));
+                }
+            }
+            Op::Get(u) => {
+                let got = shown(&store.get_messages(&users[*u]).map_err(fail)?);
+                let want: Vec<Queued> = model.remove(&users[*u]).unwrap_or_default().into();
+                prop_assert_eq!(got, want, "get_messages({:?})", &users[*u]);
+            }
+            Op::Peek(u) => {
+                let got = shown(&store.peek(&users[*u]).map_err(fail)?);
+                let want: Vec<Queued> = model.get(&users[*u]).cloned().unwrap_or_default().into();
+                prop_assert_eq!(got, want, "peek({:?})", &users[*u]);
+            }
+            Op::Count(u) => {
+                let got = store.count(&users[*u]).map_err(fail)?;
+                prop_assert_eq!(
+                    got,
+                    model.get(&users[*u]).map_or(0, VecDeque::len),
+                    "count({:?})",
+                    &users[*u]
+                );
+            }
+            Op::Reopen => {
+                // Reopening right after the drop must work.
+                drop(store);
+                store = open(&dir).map_err(fail)?;
+            }
+        }
+    }
+    // At the end, after one more reopen, every user holds exactly the model.
+    drop(store);
+    let store = open(&dir).map_err(fail)?;
+    for user in &users {
+        let got = shown(&store.get_messages(user).map_err(fail)?);
+        let want: Vec<Queued> = model.remove(user).unwrap_or_default().into();
+        prop_assert_eq!(got, want, "final drain of {:?}", user);
+        prop_assert_eq!(store.count(user).map_err(fail)?, 0);
+    }
+    prop_assert!(store.quarantined().map_err(fail)?.is_empty());
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(Config { failure_persistence: None, ..Config::default() })]
+
+    /// The store behaves exactly like the reference (256 cases, or `PROPTEST_CASES`).
+    #[test]
+    fn store_matches_the_reference(ops in proptest::collection::vec(any_op(), 1..40)) {
+        run(&ops)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(Config { cases: 10_000, failure_persistence: None, ..Config::default() })]
+
+    /// `cargo test --all-features --release --test model -- --ignored model_long`
+    #[test]
+    #[ignore = "long run: 10,000 cases"]
+    fn model_long(ops in proptest::collection::vec(any_op(), 1..60)) {
+        run(&ops)?;
+    }
+}
