@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use sled::{Batch, IVec, Tree};
+use sled::{IVec, Tree};
 
 use crate::record::FORMAT_VERSION;
 use crate::{Error, Result, record};
@@ -34,29 +34,6 @@ pub(crate) struct Backend {
     texts: Tree,
     quarantine: Tree,
     path: PathBuf,
-}
-
-/// A set of writes to the messages tree applied atomically.
-#[derive(Default)]
-pub(crate) struct MessageBatch {
-    batch: Batch,
-    len: usize,
-}
-
-impl MessageBatch {
-    pub(crate) fn insert(&mut self, key: &[u8], value: &[u8]) {
-        self.batch.insert(key, value);
-        self.len += 1;
-    }
-
-    pub(crate) fn remove(&mut self, key: &[u8]) {
-        self.batch.remove(key);
-        self.len += 1;
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.len
-    }
 }
 
 /// A record that could not be decoded, moved aside by the store.
@@ -224,10 +201,9 @@ impl Backend {
         self.messages.remove(key).map(drop).map_err(|e| self.err(e))
     }
 
-    pub(crate) fn apply(&self, batch: MessageBatch) -> Result<()> {
-        self.messages
-            .apply_batch(batch.batch)
-            .map_err(|e| self.err(e))
+    pub(crate) fn remove_messages(&self, keys: &[impl AsRef<[u8]>]) -> Result<()> {
+        keys.iter()
+            .try_for_each(|key| self.remove_message(key.as_ref()))
     }
 
     /// Every record of one user, in key order.

@@ -45,6 +45,21 @@ pub(crate) fn user_prefix(user: &UserId) -> Result<Vec<u8>> {
     }
 }
 
+/// Writes the key of `user`'s message `seq` into `out` (cleared first),
+/// reusing its allocation.
+pub(crate) fn write_message_key(out: &mut Vec<u8>, user: &UserId, seq: u64) -> Result<()> {
+    out.clear();
+    match user {
+        UserId::Int(id) => {
+            out.push(TAG_INT);
+            out.extend_from_slice(&id.to_be_bytes());
+        }
+        UserId::Str(_) => out.extend_from_slice(&user_prefix(user)?),
+    }
+    out.extend_from_slice(&seq.to_be_bytes());
+    Ok(())
+}
+
 /// The key of one message: `prefix ‖ seq`.
 pub(crate) fn message_key(prefix: &[u8], seq: u64) -> Vec<u8> {
     let mut key = Vec::with_capacity(prefix.len() + SEQ_LEN);

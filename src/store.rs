@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::backend::{Backend, Bytes, MessageBatch, OpenOptions, QuarantinedRecord};
+use crate::backend::{Backend, Bytes, OpenOptions, QuarantinedRecord};
 use crate::commit::GroupCommit;
 use crate::index::PendingIndex;
 use crate::message::{BulkSend, MessageId, Progress, now_ms};
@@ -53,7 +53,7 @@ impl Default for Builder {
             min_level: Level::Info,
             max_message_bytes: MessageStore::DEFAULT_MAX_MESSAGE_BYTES,
             durability: Durability::Immediate,
-            cache_bytes: 32 << 20,
+            cache_bytes: 8 << 20,
             lock_timeout: Duration::from_secs(2),
             index_slots: 1 << 20,
         }
@@ -88,7 +88,9 @@ impl Builder {
         self
     }
 
-    /// Memory for sled's page cache, in bytes. Default: 32 MiB.
+    /// Memory for sled's page cache, in bytes. Default: 8 MiB. (sled's
+    /// memory use grows beyond this with the number of stored records; see
+    /// README's performance section.)
     pub fn cache_bytes(mut self, bytes: u64) -> Self {
         self.cache_bytes = bytes;
         self
@@ -201,8 +203,8 @@ impl Drop for Registration {
 
 /// Lock stripes that make a drain atomic against other drains of its user.
 const STRIPES: usize = 1024;
-/// Recipients written per batch by a bulk send.
-const BULK_CHUNK: usize = 8192;
+/// A bulk send reports progress every this many recipients.
+const BULK_CHUNK: u64 = 8192;
 
 /// A persistent queue of messages for users. Cheap to clone (one `Arc`);
 /// share it between threads. See the [crate docs](crate) for an example.
@@ -660,7 +662,12 @@ impl Inner {
         }
     }
 
-    /// Writes a bulk send's recipient records, in chunks. Returns how many.
+    /// Writes a bulk send's recipient records. Returns how many.
+    ///
+    /// One insert each, not sled batches: sled 0.34 writes out its log
+    /// buffer for every batch, which made bulk sends 3× slower and used
+    /// gigabytes of memory. All-or-nothing comes from the commit point (the
+    /// shared text, written last), not from batching.
     fn write_recipients<U: Into<UserId>>(
         &self,
         id: u64,
@@ -668,45 +675,25 @@ impl Inner {
         progress: &mut impl FnMut(Progress),
     ) -> Result<u64> {
         let value = record::encode_shared();
-        let mut batch = MessageBatch::default();
-        let mut slots = Vec::with_capacity(BULK_CHUNK);
+        let mut key = Vec::with_capacity(64);
         let mut written = 0_u64;
-        let flush_chunk = |batch: &mut MessageBatch, slots: &mut Vec<usize>| -> Result<()> {
-            let result = self.backend.apply(std::mem::take(batch));
-            if result.is_err() {
-                for slot in slots.iter() {
-                    self.index.sub(*slot, 1);
-                }
-            }
-            slots.clear();
-            result
-        };
         for user in users {
-            let prefix = match key::user_prefix(&user.into()) {
-                Ok(prefix) => prefix,
-                Err(error) => {
-                    for slot in &slots {
-                        self.index.sub(*slot, 1);
-                    }
-                    return Err(error);
-                }
-            };
-            let slot = self.index.slot(&prefix);
+            key::write_message_key(&mut key, &user.into(), id)?;
+            let slot = self.index.slot(&key[..key.len() - key::SEQ_LEN]);
             self.index.add(slot, 1);
-            slots.push(slot);
-            batch.insert(&key::message_key(&prefix, id), &value);
-            if batch.len() >= BULK_CHUNK {
-                written += batch.len() as u64;
-                flush_chunk(&mut batch, &mut slots)?;
+            if let Err(error) = self.backend.insert_message(&key, &value) {
+                self.index.sub(slot, 1);
+                return Err(error);
+            }
+            written += 1;
+            if written % BULK_CHUNK == 0 {
                 progress(Progress {
                     written,
                     committed: false,
                 });
             }
         }
-        if batch.len() > 0 {
-            written += batch.len() as u64;
-            flush_chunk(&mut batch, &mut slots)?;
+        if written % BULK_CHUNK != 0 {
             progress(Progress {
                 written,
                 committed: false,
@@ -787,11 +774,7 @@ impl Inner {
             collected.records.push((key, value));
         }
         if !orphans.is_empty() {
-            let mut batch = MessageBatch::default();
-            for key in &orphans {
-                batch.remove(key);
-            }
-            self.backend.apply(batch)?;
+            self.backend.remove_messages(&orphans)?;
             self.index
                 .sub(slot, u32::try_from(orphans.len()).unwrap_or(u32::MAX));
         }
@@ -822,16 +805,16 @@ impl Inner {
         }
     }
 
-    /// Removes drained records in one atomic batch.
+    /// Removes drained records. Not one sled batch (sled writes out its log
+    /// buffer for each): a concurrent drain cannot interleave (the caller
+    /// holds the user's lock stripe), and a crash part-way affects only a
+    /// drain that was never acknowledged.
     fn remove(&self, slot: usize, records: &[(Bytes, Bytes)]) -> Result<()> {
         if records.is_empty() {
             return Ok(());
         }
-        let mut batch = MessageBatch::default();
-        for (key, _) in records {
-            batch.remove(key);
-        }
-        self.backend.apply(batch)?;
+        let keys: Vec<&[u8]> = records.iter().map(|(key, _)| key.as_ref()).collect();
+        self.backend.remove_messages(&keys)?;
         self.index
             .sub(slot, u32::try_from(records.len()).unwrap_or(u32::MAX));
         Ok(())
@@ -848,11 +831,11 @@ impl Inner {
                 slot,
                 u32::try_from(collected.records.len()).unwrap_or(u32::MAX),
             );
-            let mut batch = MessageBatch::default();
-            for (key, value) in &collected.records {
-                batch.insert(key, value);
-            }
-            if let Err(restore) = self.backend.apply(batch) {
+            let restored = collected
+                .records
+                .iter()
+                .try_for_each(|(key, value)| self.backend.insert_message(key, value));
+            if let Err(restore) = restored {
                 tracing::error!(%restore, "could not put back messages after a failed drain");
             }
             return Err(error);
@@ -900,7 +883,7 @@ impl Inner {
         }
         let mut texts: HashMap<u64, TextState> = HashMap::new();
         let mut refs: HashMap<u64, u64> = HashMap::new();
-        let mut orphans = MessageBatch::default();
+        let mut orphans = 0_u64;
         let mut damaged = Vec::new();
         let mut records = 0_u64;
         let mut unreadable = 0_u64;
@@ -942,10 +925,8 @@ impl Inner {
                         }
                     };
                     if state == TextState::Missing {
-                        orphans.remove(&key);
-                        if orphans.len() >= BULK_CHUNK {
-                            self.backend.apply(std::mem::take(&mut orphans))?;
-                        }
+                        self.backend.remove_message(&key)?;
+                        orphans += 1;
                     } else {
                         if state == TextState::Damaged {
                             unreadable += 1;
@@ -958,8 +939,7 @@ impl Inner {
                 }
             }
         }
-        let rolled_back = orphans.len();
-        self.backend.apply(orphans)?;
+        let rolled_back = orphans;
         for (key, value, reason) in &damaged {
             self.backend.quarantine("messages", key, value, reason)?;
         }
@@ -987,7 +967,7 @@ impl Inner {
             }
         }
         *self.refs.lock() = refs;
-        if rolled_back + damaged.len() > 0 || unused_texts + unreadable > 0 {
+        if rolled_back + damaged.len() as u64 + unused_texts + unreadable > 0 {
             tracing::warn!(
                 path = %self.backend.path().display(),
                 rolled_back,
