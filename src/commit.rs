@@ -54,6 +54,17 @@ fn run(queue: &Receiver<Reply>, flush: &dyn Fn() -> Result<()>) {
     while let Ok(first) = queue.recv() {
         let mut waiters = vec![first];
         waiters.extend(queue.try_iter());
+        // Give writers that are about to register a moment to do so (they
+        // were just woken by the previous flush and may not have run yet):
+        // one fsync then covers them too.
+        for _ in 0..4 {
+            std::thread::yield_now();
+            let before = waiters.len();
+            waiters.extend(queue.try_iter());
+            if waiters.len() == before {
+                break;
+            }
+        }
         let result = flush();
         if let Err(error) = &result {
             tracing::error!(%error, waiters = waiters.len(), "group commit failed");
