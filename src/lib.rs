@@ -62,6 +62,8 @@
 mod backend;
 mod commit;
 mod error;
+#[cfg(test)]
+mod fuzz_tests;
 mod index;
 mod key;
 mod level;
