@@ -1,0 +1,607 @@
+//! Bad input and hostile environments: each gets a clear typed error, and
+//! nothing already stored is lost (every test checks the store afterwards).
+//! README's "Bad input" table names the test for each row.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use async_messages::{Error, Level, MessageStore, Result, UserId};
+use common::{TestDir, texts};
+
+/// A store holding two messages for user 1 and one for "ann".
+fn seeded(dir: &TestDir) -> Result<MessageStore> {
+    let store = dir.open()?;
+    store.info(1_u64, "kept 1")?;
+    store.info(1_u64, "kept 2")?;
+    store.info("ann", "kept ann")?;
+    Ok(store)
+}
+
+/// The seeded messages are all there (without draining them).
+fn assert_kept(store: &MessageStore) -> Result<()> {
+    assert_eq!(texts(&store.peek(1_u64)?), ["kept 1", "kept 2"]);
+    assert_eq!(texts(&store.peek("ann")?), ["kept ann"]);
+    Ok(())
+}
+
+#[test]
+fn oversize_text_is_refused_and_nothing_changes() -> Result<()> {
+    let dir = TestDir::new();
+    let store = seeded(&dir)?;
+    let huge = "x".repeat(64 << 20);
+    let error = store
+        .message_user(1_u64, huge.as_str(), Level::Info)
+        .unwrap_err();
+    assert!(
+        matches!(error, Error::MessageTooLarge { size, .. } if size == 64 << 20),
+        "{error:?}"
+    );
+    let error = store
+        .message_users([1_u64, 2, 3], huge.as_str(), Level::Info)
+        .unwrap_err();
+    assert!(matches!(error, Error::MessageTooLarge { .. }), "{error:?}");
+    let limit = MessageStore::DEFAULT_MAX_MESSAGE_BYTES;
+    let error = store.error("ann", "y".repeat(limit + 1)).unwrap_err();
+    assert!(
+        matches!(error, Error::MessageTooLarge { size, limit: l } if size == limit + 1 && l == limit)
+    );
+    assert_kept(&store)?;
+    assert_eq!(store.count(2_u64)?, 0);
+    drop(store);
+    assert_kept(&dir.open()?)
+}
+
+#[test]
+fn empty_text_is_refused_and_nothing_changes() -> Result<()> {
+    let dir = TestDir::new();
+    let store = seeded(&dir)?;
+    assert!(matches!(store.info(1_u64, ""), Err(Error::EmptyMessage)));
+    assert!(matches!(
+        store.message_users([1_u64, 2], "", Level::Info),
+        Err(Error::EmptyMessage)
+    ));
+    assert_kept(&store)?;
+    assert_eq!(store.count(2_u64)?, 0);
+    Ok(())
+}
+
+/// A user id over 1 KiB in the middle of a long list: the whole send is
+/// rolled back (after 15,000 recipients were already written), also after
+/// a reopen.
+#[test]
+fn an_over_long_user_id_mid_list_rolls_back_the_whole_send() -> Result<()> {
+    let dir = TestDir::new();
+    let store = seeded(&dir)?;
+    let long = "u".repeat(UserId::MAX_STR_BYTES + 1);
+    let users = (0..30_000_u64).map(|i| {
+        if i == 15_000 {
+            UserId::from(long.as_str())
+        } else {
+            UserId::Int(i)
+        }
+    });
+    let error = store
+        .message_users(users, "never", Level::Info)
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::UserIdTooLong {
+                len: 1025,
+                limit: 1024
+            }
+        ),
+        "{error:?}"
+    );
+    let error = store.info(long.as_str(), "never").unwrap_err();
+    assert!(matches!(error, Error::UserIdTooLong { .. }));
+    let check = |store: &MessageStore| -> Result<()> {
+        for user in (0..30_000_u64)
+            .step_by(7)
+            .chain([0, 14_999, 15_001, 29_999])
+        {
+            let messages = store.peek(user)?;
+            let want: &[&str] = if user == 1 {
+                &["kept 1", "kept 2"]
+            } else {
+                &[]
+            };
+            assert_eq!(texts(&messages), want, "user {user}");
+        }
+        assert_eq!(texts(&store.peek("ann")?), ["kept ann"]);
+        Ok(())
+    };
+    check(&store)?;
+    drop(store);
+    check(&dir.open()?)
+}
+
+/// Linux: the process's resident memory, and its peak, in KiB.
+fn rss_kib() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Two million users in one `message_users` call: it works, and memory
+/// stays bounded (the recipients are never all in memory at once).
+#[test]
+#[ignore = "long run: 2,000,000 recipients"]
+fn two_million_users_in_one_send() -> Result<()> {
+    const USERS: u64 = 2_000_000;
+    let dir = TestDir::new();
+    let store = seeded(&dir)?;
+    let (before, _) = rss_kib();
+    let started = std::time::Instant::now();
+    let mut peak = 0;
+    let sent = store.message_users_with_progress(0..USERS, "to everyone", Level::Info, |_| {
+        peak = peak.max(rss_kib().0);
+    })?;
+    println!(
+        "2,000,000 recipients in {:.1} s; RSS before {} MiB, peak during the send {} MiB; {} MiB on disk",
+        started.elapsed().as_secs_f64(),
+        before / 1024,
+        peak / 1024,
+        store.size_on_disk()? >> 20
+    );
+    assert_eq!(sent.recipients(), USERS);
+    for user in (0..USERS).step_by(99_991).chain([USERS - 1]) {
+        assert_eq!(
+            store.count(user)?,
+            if user == 1 { 3 } else { 1 },
+            "user {user}"
+        );
+    }
+    assert!(
+        peak - before < 1024 * 1024,
+        "memory grew by {} MiB",
+        (peak - before) / 1024
+    );
+    Ok(())
+}
+
+#[test]
+fn a_path_that_is_a_file_is_refused() -> Result<()> {
+    let dir = TestDir::new();
+    let path = dir.store_path();
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    std::fs::write(&path, b"precious").expect("write");
+    let error = MessageStore::open(&path).unwrap_err();
+    assert!(
+        matches!(&error, Error::NotADirectory { path: p } if *p == path),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("is not a directory"));
+    // Below a file: a typed error too.
+    let error = MessageStore::open(path.join("store")).unwrap_err();
+    assert!(
+        matches!(error, Error::NotADirectory { .. } | Error::Storage { .. }),
+        "{error:?}"
+    );
+    assert_eq!(std::fs::read(&path).expect("read"), b"precious");
+    Ok(())
+}
+
+#[test]
+fn a_store_already_open_in_this_process_is_refused() -> Result<()> {
+    let dir = TestDir::new();
+    let store = seeded(&dir)?;
+    let started = std::time::Instant::now();
+    let error = MessageStore::open(dir.store_path()).unwrap_err();
+    assert!(
+        matches!(&error, Error::AlreadyOpen { path } if *path == dir.store_path()),
+        "{error:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_kept(&store)?;
+    store.info(2_u64, "still works")?;
+    assert_eq!(store.count(2_u64)?, 1);
+    Ok(())
+}
+
+/// The holder for the test below: opens the store, says so, and waits for
+/// its stdin to close.
+#[test]
+#[ignore = "child process of a_store_already_open_in_another_process_is_refused"]
+fn bad_input_lock_holder() -> Result<()> {
+    let Ok(path) = std::env::var("ASYNC_MESSAGES_BAD_INPUT_HOLDER") else {
+        return Ok(());
+    };
+    let _store = MessageStore::open(path)?;
+    println!("\nholding");
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    Ok(())
+}
+
+#[test]
+fn a_store_already_open_in_another_process_is_refused() -> Result<()> {
+    use std::io::BufRead;
+    let dir = TestDir::new();
+    drop(seeded(&dir)?);
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "bad_input_lock_holder",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("ASYNC_MESSAGES_BAD_INPUT_HOLDER", dir.store_path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the holder");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Keep reading until the holder exits, so that it never writes to a closed pipe.
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(std::io::Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let holding = rx.iter().any(|l| l == "holding");
+    assert!(holding, "the holder did not open the store");
+    let error = MessageStore::builder()
+        .path(dir.store_path())
+        .lock_timeout(Duration::from_millis(200))
+        .open()
+        .unwrap_err();
+    assert!(
+        matches!(&error, Error::AlreadyOpen { path } if *path == dir.store_path()),
+        "{error:?}"
+    );
+    drop(child.stdin.take());
+    assert!(child.wait().expect("wait").success());
+    assert_kept(&dir.open()?)
+}
+
+#[test]
+fn a_store_of_a_newer_format_version_is_refused_and_kept() -> Result<()> {
+    let dir = TestDir::new();
+    drop(seeded(&dir)?);
+    let set_format = |version: u8| {
+        let db = raw_db(&dir.store_path());
+        db.open_tree("meta")
+            .expect("meta")
+            .insert("format", &[version])
+            .expect("insert");
+        db.flush().expect("flush");
+    };
+    set_format(2);
+    let error = dir.open().unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::UnsupportedFormat {
+                found: 2,
+                supported: 1,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(
+        error.to_string().contains("upgrade async-messages"),
+        "{error}"
+    );
+    // Refusing changed nothing: the records are untouched, and the marker too.
+    {
+        let db = raw_db(&dir.store_path());
+        assert_eq!(db.open_tree("messages").expect("messages").len(), 3);
+        assert_eq!(
+            db.open_tree("meta")
+                .expect("meta")
+                .get("format")
+                .expect("get")
+                .as_deref(),
+            Some(&[2_u8][..])
+        );
+    }
+    set_format(1);
+    assert_kept(&dir.open()?)
+}
+
+fn raw_db(path: &Path) -> sled::Db {
+    for _ in 0..1000 {
+        if let Ok(db) = sled::open(path) {
+            return db;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("cannot open the closed store with sled");
+}
+
+// --------------------------------------------------- mounted file systems
+
+/// A tmpfs mounted for one test (needs root), unmounted when dropped.
+struct Mount {
+    point: PathBuf,
+    _dir: TestDir,
+}
+
+impl Mount {
+    /// `None`, with the reason printed, where mounting is not possible.
+    fn tmpfs(size: &str) -> Option<Mount> {
+        let dir = TestDir::new();
+        let point = dir.store_path().with_file_name("mnt");
+        std::fs::create_dir_all(&point).ok()?;
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let root = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .is_some_and(|uids| uids.split_whitespace().nth(1) == Some("0"));
+        if !root {
+            println!("SKIPPED: not running as root, so no tmpfs can be mounted for this test");
+            return None;
+        }
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&point)
+            .output();
+        match out {
+            Ok(out) if out.status.success() => Some(Mount { point, _dir: dir }),
+            Ok(out) => {
+                println!(
+                    "SKIPPED: mount -t tmpfs failed ({}); this test needs CAP_SYS_ADMIN",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                println!("SKIPPED: cannot run mount: {e}");
+                None
+            }
+        }
+    }
+
+    fn remount(&self, mode: &str) {
+        let status = Command::new("mount")
+            .args(["-o", &format!("remount,{mode}")])
+            .arg(&self.point)
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "remount {mode} failed");
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let unmounted = Command::new("umount")
+            .arg(&self.point)
+            .status()
+            .is_ok_and(|s| s.success())
+            || Command::new("umount")
+                .arg("-l")
+                .arg(&self.point)
+                .status()
+                .is_ok_and(|s| s.success());
+        if !unmounted {
+            eprintln!("could not unmount {}", self.point.display());
+        }
+    }
+}
+
+fn open_at(path: &Path) -> Result<MessageStore> {
+    MessageStore::builder()
+        .path(path)
+        .lock_timeout(Duration::from_secs(5))
+        .open()
+}
+
+#[test]
+fn a_read_only_directory_is_a_typed_error_and_keeps_the_store() -> Result<()> {
+    let Some(mount) = Mount::tmpfs("64m") else {
+        return Ok(());
+    };
+    let path = mount.point.join("store");
+    {
+        let store = open_at(&path)?;
+        store.info(1_u64, "kept 1")?;
+        store.info(1_u64, "kept 2")?;
+        store.info("ann", "kept ann")?;
+    }
+    // Let sled's threads let go before remounting.
+    drop(open_at(&path)?);
+    mount.remount("ro");
+    let fresh = open_at(&mount.point.join("new-store"));
+    assert!(
+        matches!(fresh, Err(Error::PermissionDenied { .. })),
+        "{fresh:?}"
+    );
+    let existing = open_at(&path);
+    assert!(
+        matches!(existing, Err(Error::PermissionDenied { .. })),
+        "opening a store on a read-only file system: {existing:?}"
+    );
+    if let Err(error) = &existing {
+        assert!(error.to_string().contains("permission denied"), "{error}");
+    }
+    mount.remount("rw");
+    assert_kept(&open_at(&path)?)
+}
+
+/// The child of the full-disk tests: fills the disk, sends until refused,
+/// frees the space, sends again, closes. Prints each step; the parent
+/// kills it if a step hangs.
+#[test]
+#[ignore = "child process of the full-disk tests"]
+fn full_disk_child() -> Result<()> {
+    let Ok(mount) = std::env::var("ASYNC_MESSAGES_FULL_DISK") else {
+        return Ok(());
+    };
+    let mount = PathBuf::from(mount);
+    let store = open_at(&mount.join("store"))?;
+    store.info(1_u64, "kept 1")?;
+    store.info(1_u64, "kept 2")?;
+    store.info("ann", "kept ann")?;
+    // Fill the disk with a file, leaving 1 MiB, then send until refused.
+    let filler = mount.join("filler");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&filler).expect("create filler");
+        let block = vec![0_u8; 64 << 10];
+        while file.write_all(&block).is_ok() {}
+        let len = file.metadata().expect("metadata").len();
+        file.set_len(len.saturating_sub(1 << 20))
+            .expect("truncate filler");
+        let _ = file.sync_all();
+    }
+    let text = "z".repeat(32 << 10);
+    let say = |line: String| {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "\n{line}");
+        let _ = out.flush();
+    };
+    for i in 0..2000 {
+        match store.info(2_u64, format!("{i} {text}")) {
+            Ok(_) => say(format!("acked {i}")),
+            Err(error) => {
+                say(format!("error {error:?}"));
+                break;
+            }
+        }
+    }
+    match store.info(2_u64, "again") {
+        Ok(_) => say("again ok".into()),
+        Err(error) => say(format!("again {error:?}")),
+    }
+    match store.peek(1_u64) {
+        Ok(messages) => say(format!("kept {}", texts(&messages) == ["kept 1", "kept 2"])),
+        Err(error) => say(format!("peek {error:?}")),
+    }
+    std::fs::remove_file(&filler).expect("remove filler");
+    say("freed".into());
+    match store.info(3_u64, "after freeing space") {
+        Ok(_) => say("after-free ok".into()),
+        Err(error) => say(format!("after-free {error:?}")),
+    }
+    drop(store);
+    say("closed".into());
+    Ok(())
+}
+
+/// What the full-disk child reported.
+#[derive(Debug, Default)]
+struct FullDisk {
+    acked: usize,
+    error: String,
+    again: String,
+    kept: bool,
+    peek_error: Option<String>,
+    after_free: Option<String>,
+    closed: bool,
+    /// After the child is gone: the store reopened, with every acknowledged
+    /// send and the seeded messages.
+    reopened_with_all: bool,
+}
+
+fn full_disk_scenario() -> Result<Option<FullDisk>> {
+    use std::io::BufRead;
+    let Some(mount) = Mount::tmpfs("16m") else {
+        return Ok(None);
+    };
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "full_disk_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("ASYNC_MESSAGES_FULL_DISK", &mount.point)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the child");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(std::io::Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut report = FullDisk::default();
+    // Each step gets 20 s, the ones after freeing the space 5 s; a step
+    // that takes longer is a hang.
+    let mut step = Duration::from_secs(20);
+    while let Ok(line) = rx.recv_timeout(step) {
+        if line == "freed" {
+            step = Duration::from_secs(5);
+        }
+        if line.starts_with("acked ") {
+            report.acked += 1;
+        } else if let Some(error) = line.strip_prefix("error ") {
+            report.error = error.to_owned();
+        } else if let Some(again) = line.strip_prefix("again ") {
+            report.again = again.to_owned();
+        } else if line == "kept true" {
+            report.kept = true;
+        } else if let Some(peek) = line.strip_prefix("peek ") {
+            report.peek_error = Some(peek.to_owned());
+        } else if let Some(after) = line.strip_prefix("after-free ") {
+            report.after_free = Some(after.to_owned());
+        } else if line == "closed" {
+            report.closed = true;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(mount.point.join("filler"));
+    let store = open_at(&mount.point.join("store"))?;
+    let seeded = texts(&store.peek(1_u64)?) == ["kept 1", "kept 2"] && store.count("ann")? == 1;
+    report.reopened_with_all = seeded && store.count(2_u64)? >= report.acked;
+    println!("full disk: {report:?}");
+    Ok(Some(report))
+}
+
+/// A full disk: the send that does not fit gets `Error::DiskFull`, so does
+/// the next one, and nothing acknowledged is lost (checked after the
+/// process is gone and the space freed).
+#[test]
+fn a_full_disk_is_a_typed_error_and_loses_nothing_acknowledged() -> Result<()> {
+    let Some(report) = full_disk_scenario()? else {
+        return Ok(());
+    };
+    assert!(
+        report.acked > 0,
+        "the 1 MiB left should take a few sends: {report:?}"
+    );
+    assert!(report.error.starts_with("DiskFull"), "{report:?}");
+    assert!(report.again.starts_with("DiskFull"), "{report:?}");
+    assert!(report.reopened_with_all, "{report:?}");
+    Ok(())
+}
+
+/// Known bug: after a write failed for lack of space, the handle never
+/// recovers. While the disk is full even `peek` fails with `DiskFull`;
+/// once space is freed, the next send on the same handle hangs forever, and
+/// so does dropping the handle (sled's `Tree::drop` flushes and waits in
+/// `iobuf::make_stable` for a log write that failed). Only a new process
+/// gets the store back (with nothing acknowledged lost).
+#[test]
+#[ignore = "known bug: after DiskFull the handle never recovers and dropping it hangs in sled's flush"]
+fn after_a_full_disk_the_store_recovers_once_space_is_freed() -> Result<()> {
+    let Some(report) = full_disk_scenario()? else {
+        return Ok(());
+    };
+    assert!(report.kept, "reads work while the disk is full: {report:?}");
+    assert_eq!(report.after_free.as_deref(), Some("ok"), "{report:?}");
+    assert!(report.closed, "dropping the store hung: {report:?}");
+    Ok(())
+}
