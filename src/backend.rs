@@ -8,7 +8,10 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use serde::{Deserialize, Serialize};
 use sled::{IVec, Tree};
@@ -25,6 +28,7 @@ pub(crate) struct OpenOptions<'a> {
     pub(crate) cache_bytes: u64,
     pub(crate) flush_every: Option<Duration>,
     pub(crate) lock_timeout: Duration,
+    pub(crate) disk_reserve: u64,
 }
 
 #[derive(Clone)]
@@ -34,6 +38,9 @@ pub(crate) struct Backend {
     texts: Tree,
     quarantine: Tree,
     path: PathBuf,
+    disk_reserve: u64,
+    /// The last free-space reading and when it was taken.
+    free_space: Arc<Mutex<Option<(Instant, u64)>>>,
 }
 
 /// A record that could not be decoded, moved aside by the store.
@@ -149,6 +156,8 @@ impl Backend {
             texts: tree("texts")?,
             quarantine: tree("quarantine")?,
             path: path.to_path_buf(),
+            disk_reserve: options.disk_reserve,
+            free_space: Arc::new(Mutex::new(None)),
             db: db.clone(),
         };
         backend.check_format(&tree("meta")?)?;
@@ -183,6 +192,45 @@ impl Backend {
 
     pub(crate) fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Refuses a new write with [`Error::DiskFull`] while the disk holding
+    /// the store has less than the reserve free. sled 0.34 does not survive
+    /// running out of space (after a failed log write every later flush,
+    /// including the one on drop, hangs), so the store stops accepting sends
+    /// while there is still room, and stays healthy: sends work again once
+    /// space is freed. Drains are not checked: they free space.
+    pub(crate) fn check_space(&self) -> Result<()> {
+        if self.disk_reserve == 0 {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let mut last = self.free_space.lock();
+        // Trust a recent reading only while it is far from the reserve.
+        let cached = last.filter(|(at, free)| {
+            now.duration_since(*at) < Duration::from_millis(10) && *free / 4 >= self.disk_reserve
+        });
+        let free = match cached {
+            Some((_, free)) => free,
+            None => {
+                let free = fs2::available_space(&self.path).map_err(|e| io_error(&self.path, e))?;
+                *last = Some((now, free));
+                free
+            }
+        };
+        if free < self.disk_reserve {
+            return Err(Error::DiskFull {
+                path: self.path.clone(),
+                source: io::Error::new(
+                    io::ErrorKind::StorageFull,
+                    format!(
+                        "{free} bytes free, below the {} bytes kept in reserve so that the store stays writable",
+                        self.disk_reserve
+                    ),
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// A new id, greater than every id handed out before, also across restarts.

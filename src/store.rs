@@ -44,6 +44,7 @@ pub struct Builder {
     cache_bytes: u64,
     lock_timeout: Duration,
     index_slots: usize,
+    disk_reserve: u64,
 }
 
 impl Default for Builder {
@@ -56,6 +57,7 @@ impl Default for Builder {
             cache_bytes: 8 << 20,
             lock_timeout: Duration::from_secs(2),
             index_slots: 1 << 20,
+            disk_reserve: 8 << 20,
         }
     }
 }
@@ -116,6 +118,16 @@ impl Builder {
         self
     }
 
+    /// Free disk space, in bytes, below which sends are refused with
+    /// [`Error::DiskFull`] (nothing is stored). sled cannot recover from
+    /// running out of space while open, so the store stops short of it and
+    /// works again as soon as space is freed. Drains are always allowed.
+    /// `0` turns the check off. Default: 8 MiB.
+    pub fn disk_reserve(mut self, bytes: u64) -> Self {
+        self.disk_reserve = bytes;
+        self
+    }
+
     /// Opens the store, creating it if needed, and recovers from any crash:
     /// a bulk send that did not finish is rolled back, and records whose key
     /// is damaged are moved to quarantine (see [`MessageStore::quarantined`]).
@@ -145,6 +157,7 @@ impl Builder {
                 Durability::Periodic(every) => Some(every),
             },
             lock_timeout: self.lock_timeout,
+            disk_reserve: self.disk_reserve,
         })?;
         let commit = match self.durability {
             Durability::Immediate => {
@@ -297,6 +310,7 @@ impl MessageStore {
             return Ok(None);
         }
         let inner = &self.inner;
+        inner.backend.check_space()?;
         let id = inner.backend.next_id()?;
         let key = key::message_key(&prefix, id);
         let slot = inner.index.slot(&prefix);
@@ -357,6 +371,7 @@ impl MessageStore {
             });
         }
         let inner = &self.inner;
+        inner.backend.check_space()?;
         let id = inner.backend.next_id()?;
         inner.inflight.lock().insert(id);
         let written = inner.write_recipients(id, users, &mut progress);
@@ -687,6 +702,7 @@ impl Inner {
             }
             written += 1;
             if written % BULK_CHUNK == 0 {
+                self.backend.check_space()?;
                 progress(Progress {
                     written,
                     committed: false,
