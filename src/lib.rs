@@ -42,6 +42,12 @@
 //! acknowledged within the last interval, and drained messages from that
 //! interval can be delivered again.
 //!
+//! **A full disk.** sled 0.34 cannot recover from a failed log write while
+//! open (every later flush, including the one on drop, waits forever), so
+//! the store keeps a reserve ([`Builder::disk_reserve`], default 8 MiB): below
+//! it, sends fail with [`Error::DiskFull`] and store nothing, drains still
+//! work, and sends succeed again once space is freed.
+//!
 //! **What is kept.** Queued messages until drained; shared texts until their
 //! last recipient has drained; damaged records in the `quarantine` tree (see
 //! [`MessageStore::quarantined`]). Drained messages are removed, and sled
