@@ -552,8 +552,8 @@ fn percentiles(report: &mut Report, mut ns: Vec<u64>) {
 /// Visits 0..n in a scattered order (a multiplicative permutation), so that
 /// reads do not walk the key space in order.
 fn scattered(n: u64) -> impl Iterator<Item = u64> {
-    const STEP: u64 = 2_654_435_761; // prime, coprime with any n it does not divide
-    let step = if n % STEP == 0 { 1 } else { STEP % n.max(1) };
+    const STEP: u64 = 2_654_435_761; // prime
+    let step = STEP % n.max(1);
     let step = if gcd(step, n) == 1 { step } else { 1 };
     (0..n).map(move |i| (i * step) % n)
 }
