@@ -68,6 +68,7 @@
 mod backend;
 mod commit;
 mod error;
+mod hook;
 #[cfg(test)]
 mod fuzz_tests;
 mod index;
@@ -80,6 +81,7 @@ mod user;
 
 pub use backend::QuarantinedRecord;
 pub use error::{Error, Result};
+pub use hook::{Delivery, DeliveryMode, DrainPolicy, RequestHook, RequestKind};
 pub use level::Level;
 pub use message::{BulkSend, Message, MessageId, Progress};
 pub use store::{Builder, Durability, Lease, MessageStore};
