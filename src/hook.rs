@@ -207,6 +207,17 @@ impl RequestHook {
         &self.store
     }
 
+    /// `false` when [`on_request`](Self::on_request) would certainly deliver
+    /// nothing: anonymous, excluded by the policy, or nothing queued.
+    /// Answered from memory, never waits: an async server can call it on
+    /// its executor and skip the blocking call for most requests.
+    #[must_use]
+    pub fn may_deliver(&self, user: Option<&UserId>, request: &RequestKind<'_>) -> bool {
+        user.is_some_and(|user| {
+            self.policy.applies(request) && self.store.may_have_messages(user.clone())
+        })
+    }
+
     /// The messages to show on this request: none for an anonymous request
     /// (`user` is `None`) or one the policy excludes; never an error.
     pub fn on_request(&self, user: Option<UserId>, request: &RequestKind<'_>) -> Delivery {
@@ -269,6 +280,12 @@ impl Delivery {
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.messages.is_empty()
+    }
+
+    /// `true` if the messages are leased and wait for [`finish`](Self::finish).
+    #[must_use]
+    pub fn is_leased(&self) -> bool {
+        self.lease.is_some()
     }
 
     /// Ends the delivery once the response status is known: leased messages

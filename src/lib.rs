@@ -73,6 +73,8 @@ mod hook;
 mod fuzz_tests;
 mod index;
 mod key;
+#[cfg(feature = "axum")]
+mod layer;
 mod level;
 mod message;
 mod record;
@@ -82,6 +84,8 @@ mod user;
 pub use backend::QuarantinedRecord;
 pub use error::{Error, Result};
 pub use hook::{Delivery, DeliveryMode, DrainPolicy, RequestHook, RequestKind};
+#[cfg(feature = "axum")]
+pub use layer::{Messages, MessagesLayer, MessagesService, MissingMessagesLayer};
 pub use level::Level;
 pub use message::{BulkSend, Message, MessageId, Progress};
 pub use store::{Builder, Durability, Lease, MessageStore};

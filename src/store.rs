@@ -510,6 +510,15 @@ impl MessageStore {
         inner.finish_removal(slot, collected)
     }
 
+    /// `false` when `user` certainly has nothing queued. Answered from
+    /// memory without touching the disk or taking a lock (`true` may be a
+    /// false alarm: another user shares the index slot).
+    #[must_use]
+    pub fn may_have_messages(&self, user: impl Into<UserId>) -> bool {
+        key::user_prefix(&user.into())
+            .is_ok_and(|prefix| !self.inner.index.is_empty(self.inner.index.slot(&prefix)))
+    }
+
     /// Returns `user`'s queued messages in send order without removing them.
     ///
     /// # Errors
@@ -701,7 +710,7 @@ impl Inner {
                 return Err(error);
             }
             written += 1;
-            if written % BULK_CHUNK == 0 {
+            if written.is_multiple_of(BULK_CHUNK) {
                 self.backend.check_space()?;
                 progress(Progress {
                     written,
@@ -709,7 +718,7 @@ impl Inner {
                 });
             }
         }
-        if written % BULK_CHUNK != 0 {
+        if !written.is_multiple_of(BULK_CHUNK) {
             progress(Progress {
                 written,
                 committed: false,
