@@ -160,6 +160,8 @@ fn parent(quick: bool, only: Option<&str>) -> Res<()> {
         "compare: {} mode; each line is one child process",
         if quick { "quick" } else { "full" }
     );
+    let load_before = loadavg();
+    let started = Instant::now();
     let mut results = Results(BTreeMap::new());
     for (workload, imps, n) in plan {
         if only.is_some_and(|o| o != workload) {
@@ -171,7 +173,21 @@ fn parent(quick: bool, only: Option<&str>) -> Res<()> {
         }
     }
     print_table(&results, &sizes);
+    println!(
+        "Run: {:.0} s; load average (1 min) before {load_before}, after {} (on {} CPUs).",
+        started.elapsed().as_secs_f64(),
+        loadavg(),
+        std::thread::available_parallelism().map_or(0, usize::from)
+    );
     Ok(())
+}
+
+/// The 1-minute load average, to tell a quiet machine from a busy one.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
 }
 
 fn fmt_rate(v: Option<f64>) -> String {
@@ -566,11 +582,16 @@ fn periodic() -> Durability {
     Durability::Periodic(Duration::from_millis(500))
 }
 
+/// Opens our store. `COMPARE_CACHE_BYTES` overrides `Builder::cache_bytes`
+/// (for investigating memory; the table uses the default).
 fn ours(dir: &Path, durability: Durability) -> Res<MessageStore> {
-    Ok(MessageStore::builder()
+    let mut builder = MessageStore::builder()
         .path(dir.join("store"))
-        .durability(durability)
-        .open()?)
+        .durability(durability);
+    if let Ok(bytes) = std::env::var("COMPARE_CACHE_BYTES") {
+        builder = builder.cache_bytes(bytes.parse()?);
+    }
+    Ok(builder.open()?)
 }
 
 fn sled_open(dir: &Path) -> Res<sled::Db> {
