@@ -68,9 +68,9 @@
 mod backend;
 mod commit;
 mod error;
-mod hook;
 #[cfg(test)]
 mod fuzz_tests;
+mod hook;
 mod index;
 mod key;
 #[cfg(feature = "axum")]

@@ -353,7 +353,7 @@ impl World {
         }
         let mut max_id = self.max_id_before;
         let mut seen_anywhere: HashMap<Key, HashSet<usize>> = HashMap::new();
-        for u in 0..USERS {
+        for (u, queue) in found.iter().enumerate() {
             let drained: Vec<(u64, Key)> = out
                 .drains
                 .get(&u)
@@ -362,7 +362,6 @@ impl World {
                 .flatten()
                 .copied()
                 .collect();
-            let queue = &found[u];
             let all: Vec<(u64, Key)> = drained.iter().chain(queue).copied().collect();
             let ctx = |what: String| format!("cycle {cycle}, user {u} ({:?}): {what}", user(u));
             // Nothing that was never sent to this user; nothing twice.
