@@ -1,0 +1,345 @@
+//! A web app to click through: log in, send messages to users, start a
+//! "report" that finishes a second later, and see each message once, on the
+//! next page.
+//!
+//! ```text
+//! cargo run --example web_demo --features axum
+//! # then open http://127.0.0.1:3000 (ASYNC_MESSAGES_ADDR to change it)
+//! ```
+//!
+//! Environment: `ASYNC_MESSAGES_ADDR` (default `127.0.0.1:3000`),
+//! `ASYNC_MESSAGES_PATH` (the store's directory; default a directory in the
+//! system's temp dir), `ASYNC_MESSAGES_MODE=at-least-once` (leased delivery:
+//! the messages shown by the failing page `/broken` come back).
+//!
+//! Sessions are a demo: an in-memory map from a random cookie value to a user
+//! name, forgotten on restart (the queued messages are not). Use a real
+//! session store (e.g. tower-sessions) in an application.
+//!
+//! The tests (`tests/web_delivery.rs`, `tests/browser.rs`) include this file
+//! to drive the same app over HTTP.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use async_messages::{DeliveryMode, Level, Message, MessageStore, Messages, MessagesLayer, UserId};
+use axum::Router;
+use axum::extract::{Form, State};
+use axum::http::{HeaderMap, StatusCode, header, request::Parts};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+
+/// The session cookie's name.
+const COOKIE: &str = "session";
+
+/// Logged-in sessions: cookie value → user name. In memory, for the demo.
+#[derive(Clone, Default)]
+struct Sessions(Arc<Mutex<HashMap<String, String>>>);
+
+impl Sessions {
+    fn user(&self, headers: &HeaderMap) -> Option<String> {
+        let id = session_cookie(headers)?;
+        let map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        map.get(id).cloned()
+    }
+
+    fn start(&self, user: String) -> String {
+        let id = new_session_id();
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        map.insert(id.clone(), user);
+        id
+    }
+
+    fn end(&self, headers: &HeaderMap) {
+        if let Some(id) = session_cookie(headers) {
+            let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            map.remove(id);
+        }
+    }
+}
+
+/// The value of the `session` cookie, if the request has one.
+fn session_cookie(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == COOKIE)
+        .map(|(_, value)| value)
+}
+
+/// 128 unpredictable bits from std's randomly keyed hasher: good enough for
+/// a demo's session ids, not a substitute for a real session store.
+fn new_session_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let high = RandomState::new().hash_one((count, now));
+    let low = RandomState::new().hash_one((now, count));
+    format!("{high:016x}{low:016x}")
+}
+
+#[derive(Clone)]
+struct AppState {
+    store: MessageStore,
+    sessions: Sessions,
+}
+
+/// The demo app with the library's default delivery mode
+/// ([`DeliveryMode::ExactlyOnce`]).
+pub fn app(store: MessageStore) -> Router {
+    app_with_mode(store, DeliveryMode::ExactlyOnce)
+}
+
+/// The demo app, delivering messages in `mode`.
+pub fn app_with_mode(store: MessageStore, mode: DeliveryMode) -> Router {
+    let sessions = Sessions::default();
+    let resolver_sessions = sessions.clone();
+    // The layer asks this closure who the request's user is.
+    let layer = MessagesLayer::new(store.clone(), move |parts: &Parts| {
+        resolver_sessions.user(&parts.headers).map(UserId::from)
+    })
+    .mode(mode);
+    Router::new()
+        .route("/", get(index))
+        .route("/broken", get(broken))
+        .route("/login", post(login))
+        .route("/logout", post(logout))
+        .route("/send", post(send))
+        .route("/report", post(report))
+        .layer(layer)
+        .with_state(AppState { store, sessions })
+}
+
+async fn index(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    messages: Messages,
+) -> Html<String> {
+    let user = state.sessions.user(&headers);
+    let shown: Vec<&Message> = messages.iter().collect();
+    Html(page(user.as_deref(), &shown))
+}
+
+/// A page that fails after taking the messages. With
+/// `DeliveryMode::AtLeastOnce` they are shown again on the next page; with
+/// `ExactlyOnce` they are gone.
+async fn broken(messages: Messages) -> Response {
+    let body = format!(
+        "<!doctype html><title>Error</title><p>This page failed to render; \
+         {} message(s) were taken for it. <a href=\"/\">Back</a></p>",
+        messages.len()
+    );
+    (StatusCode::INTERNAL_SERVER_ERROR, Html(body)).into_response()
+}
+
+#[derive(Deserialize)]
+struct Login {
+    user: String,
+}
+
+async fn login(State(state): State<AppState>, Form(form): Form<Login>) -> Response {
+    let user = form.user.trim();
+    if user.is_empty() || user.len() > UserId::MAX_STR_BYTES {
+        return bad_request("Enter a user name (up to 1 KiB).");
+    }
+    let id = state.sessions.start(user.to_owned());
+    let cookie = format!("{COOKIE}={id}; Path=/; HttpOnly; SameSite=Lax");
+    ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
+}
+
+async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    state.sessions.end(&headers);
+    let cookie = format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0");
+    ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
+}
+
+#[derive(Deserialize)]
+struct Send {
+    to: String,
+    text: String,
+    level: String,
+}
+
+async fn send(State(state): State<AppState>, Form(form): Form<Send>) -> Response {
+    let Ok(level) = form.level.parse::<Level>() else {
+        return bad_request("Choose a level: debug, info, success, warning or error.");
+    };
+    let users: Vec<String> = form
+        .to
+        .split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if users.is_empty() {
+        return bad_request("Name at least one recipient.");
+    }
+    // The store waits for the disk: keep it off the async executor.
+    let store = state.store.clone();
+    let sent =
+        tokio::task::spawn_blocking(move || store.message_users(users, form.text, level)).await;
+    match sent {
+        Ok(Ok(_)) => Redirect::to("/").into_response(),
+        Ok(Err(error)) => bad_request(&format!("The message was not sent: {error}")),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+async fn report(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Some(user) = state.sessions.user(&headers) {
+        // The "report" is built in the background; the user keeps browsing
+        // and sees the message on the first page loaded after it is done.
+        let store = state.store.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(1));
+            if let Err(error) = store.success(user, "Your report is ready") {
+                eprintln!("could not tell the user that the report is ready: {error}");
+            }
+        });
+    }
+    Redirect::to("/").into_response()
+}
+
+fn bad_request(reason: &str) -> Response {
+    let body = format!(
+        "<!doctype html><title>Bad request</title><p>{}</p><p><a href=\"/\">Back</a></p>",
+        escape(reason)
+    );
+    (StatusCode::BAD_REQUEST, Html(body)).into_response()
+}
+
+/// Escapes text for HTML element content and quoted attribute values.
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+const STYLE: &str = "
+body { font-family: system-ui, sans-serif; max-width: 42rem; margin: 2rem auto; padding: 0 1rem; }
+ul.messages { list-style: none; padding: 0; }
+.message { padding: .6rem 1rem; margin: .4rem 0; border-radius: .3rem; border-left: .4rem solid; }
+.message-debug { background: #eeeeee; border-color: #888888; }
+.message-info { background: #e3f0fc; border-color: #2f80d0; }
+.message-success { background: #e5f6e8; border-color: #2e9a45; }
+.message-warning { background: #fff4d6; border-color: #d9a400; }
+.message-error { background: #fbe4e4; border-color: #c93030; }
+.level { font-weight: bold; text-transform: uppercase; font-size: .75rem; margin-right: .5rem; }
+form { margin: 1rem 0; }
+label { display: block; margin: .3rem 0; }
+";
+
+fn page(user: Option<&str>, messages: &[&Message]) -> String {
+    let mut html = String::new();
+    let _ = write!(
+        html,
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <title>async-messages demo</title><style>{STYLE}</style></head><body>\n\
+         <h1>async-messages demo</h1>\n"
+    );
+    if messages.is_empty() {
+        html.push_str("<p id=\"no-messages\">No new messages.</p>\n");
+    } else {
+        html.push_str("<ul class=\"messages\">\n");
+        for message in messages {
+            let level = message.level().as_str();
+            let _ = writeln!(
+                html,
+                "<li class=\"message message-{level}\"><span class=\"level\">{level}</span>{}</li>",
+                escape(message.text())
+            );
+        }
+        html.push_str("</ul>\n");
+    }
+    match user {
+        Some(user) => {
+            let _ = write!(
+                html,
+                "<p id=\"whoami\">Logged in as <b>{}</b>.</p>\n\
+                 <form method=\"post\" action=\"/logout\"><button id=\"logout\">Log out</button></form>\n\
+                 <form method=\"post\" action=\"/report\"><button id=\"report\">Build my report</button> \
+                 (a background job tells you when it is ready; reload after a second)</form>\n",
+                escape(user)
+            );
+        }
+        None => html.push_str(
+            "<form method=\"post\" action=\"/login\"><label>User name \
+             <input name=\"user\" id=\"user\" required></label>\
+             <button id=\"login\">Log in</button></form>\n",
+        ),
+    }
+    let to = user.map(escape).unwrap_or_default();
+    let _ = write!(
+        html,
+        "<h2>Send a message</h2>\n\
+         <form method=\"post\" action=\"/send\">\
+         <label>To (comma-separated user names) <input name=\"to\" id=\"to\" value=\"{to}\" required></label>\
+         <label>Text <input name=\"text\" id=\"text\" size=\"50\" required></label>\
+         <label>Level <select name=\"level\" id=\"level\">"
+    );
+    for level in Level::ALL {
+        let selected = if level == Level::Info {
+            " selected"
+        } else {
+            ""
+        };
+        let _ = write!(html, "<option value=\"{level}\"{selected}>{level}</option>");
+    }
+    html.push_str(
+        "</select></label><button id=\"send\">Send</button></form>\n\
+         <p><a href=\"/\">Reload</a> · <a href=\"/broken\">a page that fails</a></p>\n\
+         </body></html>\n",
+    );
+    html
+}
+
+#[allow(dead_code)] // The tests include this file as a module, without `main`.
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let addr = std::env::var("ASYNC_MESSAGES_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".into());
+    let path = std::env::var_os("ASYNC_MESSAGES_PATH").map_or_else(
+        || std::env::temp_dir().join("async-messages-web-demo"),
+        Into::into,
+    );
+    let at_least_once = std::env::var("ASYNC_MESSAGES_MODE").is_ok_and(|m| m == "at-least-once");
+    // The demo offers the debug level too, so store it.
+    let store = tokio::task::spawn_blocking(move || {
+        MessageStore::builder()
+            .path(path)
+            .min_level(Level::Debug)
+            .open()
+    })
+    .await??;
+    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    println!(
+        "async-messages demo on http://{}, store in {}",
+        listener.local_addr()?,
+        store.path().display()
+    );
+    let app = if at_least_once {
+        app_with_mode(store, DeliveryMode::AtLeastOnce)
+    } else {
+        app(store)
+    };
+    axum::serve(listener, app).await?;
+    Ok(())
+}
