@@ -162,7 +162,9 @@ fn two_million_users_in_one_send() -> Result<()> {
         );
     }
     assert!(
-        peak - before < 1024 * 1024,
+        // Measured: 8 -> 132 MiB (sled keeps about 60 bytes per stored record
+        // in memory); a send that held its recipients in memory would need GBs.
+        peak.saturating_sub(before) < 384 * 1024,
         "memory grew by {} MiB",
         (peak - before) / 1024
     );
