@@ -601,9 +601,14 @@ fn ours(dir: &Path, durability: Durability) -> Res<MessageStore> {
     Ok(builder.open()?)
 }
 
+/// Opens raw sled with its defaults (LowSpace mode, 1 GB cache, flush every
+/// 500 ms). `COMPARE_SLED_CACHE_BYTES` overrides the cache size.
 fn sled_open(dir: &Path) -> Res<sled::Db> {
-    // sled's defaults (LowSpace mode, 1 GB cache, flush every 500 ms).
-    Ok(sled::Config::new().path(dir.join("sled")).open()?)
+    let mut config = sled::Config::new().path(dir.join("sled"));
+    if let Ok(bytes) = std::env::var("COMPARE_SLED_CACHE_BYTES") {
+        config = config.cache_capacity(bytes.parse()?);
+    }
+    Ok(config.open()?)
 }
 
 fn sled_key(user: u64, seq: u64) -> [u8; 16] {
