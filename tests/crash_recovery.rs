@@ -20,6 +20,7 @@
 //! send T SEQ USER          sent T SEQ ID
 //! bulk T SEQ USER,USER..   bulked T SEQ ID
 //! draining T USER          drained T USER ID:TEXT ID:TEXT ...
+//! leasing T USER, then committing T USER (drained ... as above) or released T USER
 //! ```
 //!
 //! Texts are `cCYCLE.tTHREAD.sSEQ`, so every message names its sender.
@@ -192,8 +193,7 @@ fn crash_child() {
                     } else {
                         let mine: Vec<usize> = (0..USERS).filter(|u| owner(*u) == thread).collect();
                         let from = mine[rng.below(mine.len() as u64) as usize];
-                        say(format!("draining {thread} {from}"));
-                        store.get_messages(user(from)).map(|messages| {
+                        let show = |messages: &[async_messages::Message]| {
                             let mut line = format!("drained {thread} {from}");
                             for message in messages {
                                 line.push_str(&format!(
@@ -203,7 +203,31 @@ fn crash_child() {
                                 ));
                             }
                             say(line);
-                        })
+                        };
+                        if rng.below(3) == 0 {
+                            // A lease hides the messages but removes nothing:
+                            // killed before the commit, they must all be there.
+                            say(format!("leasing {thread} {from}"));
+                            match store.lease_messages(user(from)) {
+                                Ok(lease) => {
+                                    std::thread::sleep(Duration::from_millis(rng.below(3)));
+                                    if rng.below(4) == 0 {
+                                        lease.release();
+                                        say(format!("released {thread} {from}"));
+                                        Ok(())
+                                    } else {
+                                        say(format!("committing {thread} {from}"));
+                                        lease.commit().map(|messages| show(&messages))
+                                    }
+                                }
+                                Err(error) => Err(error),
+                            }
+                        } else {
+                            say(format!("draining {thread} {from}"));
+                            store
+                                .get_messages(user(from))
+                                .map(|messages| show(&messages))
+                        }
                     };
                     if let Err(error) = result {
                         say(format!("error {thread}: {error}"));
@@ -290,7 +314,8 @@ fn parse_output(cycle: u64, lines: &[String]) -> std::result::Result<Output, Str
                     .ok_or_else(|| format!("ack without intent: {line:?}"))?;
                 intent.acked = Some(num(3)?);
             }
-            "draining" => {
+            // Leasing and releasing remove nothing; a commit removes.
+            "draining" | "committing" => {
                 draining.insert(num(2)? as usize, true);
             }
             "drained" => {
