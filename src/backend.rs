@@ -238,10 +238,11 @@ impl Backend {
         self.db.generate_id().map_err(|e| self.err(e))
     }
 
-    pub(crate) fn insert_message(&self, key: &[u8], value: &[u8]) -> Result<()> {
+    /// Inserts a record; `true` if the key was new.
+    pub(crate) fn insert_message(&self, key: &[u8], value: &[u8]) -> Result<bool> {
         self.messages
             .insert(key, value)
-            .map(drop)
+            .map(|previous| previous.is_none())
             .map_err(|e| self.err(e))
     }
 

@@ -89,8 +89,8 @@ impl BulkSend {
         self.id
     }
 
-    /// How many users the message was queued for (a user listed twice counts twice,
-    /// but receives the message once).
+    /// How many users the message was queued for (a user listed twice
+    /// receives it once and counts once).
     #[must_use]
     pub fn recipients(&self) -> u64 {
         self.recipients

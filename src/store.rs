@@ -379,9 +379,6 @@ impl MessageStore {
             if recipients == 0 {
                 return Ok(0);
             }
-            // A user listed twice has one record but is counted twice, so
-            // the count may be high: the text then outlives its last
-            // delivery until the next open, which recounts. Never low.
             inner.refs.lock().insert(id, recipients);
             // The commit point: recipients' records are visible from here on.
             let committed = inner
@@ -705,11 +702,18 @@ impl Inner {
             key::write_message_key(&mut key, &user.into(), id)?;
             let slot = self.index.slot(&key[..key.len() - key::SEQ_LEN]);
             self.index.add(slot, 1);
-            if let Err(error) = self.backend.insert_message(&key, &value) {
-                self.index.sub(slot, 1);
-                return Err(error);
+            match self.backend.insert_message(&key, &value) {
+                Ok(true) => written += 1,
+                // The same user listed again: one record, counted once.
+                Ok(false) => {
+                    self.index.sub(slot, 1);
+                    continue;
+                }
+                Err(error) => {
+                    self.index.sub(slot, 1);
+                    return Err(error);
+                }
             }
-            written += 1;
             if written.is_multiple_of(BULK_CHUNK) {
                 self.backend.check_space()?;
                 progress(Progress {
@@ -859,7 +863,7 @@ impl Inner {
             let restored = collected
                 .records
                 .iter()
-                .try_for_each(|(key, value)| self.backend.insert_message(key, value));
+                .try_for_each(|(key, value)| self.backend.insert_message(key, value).map(drop));
             if let Err(restore) = restored {
                 tracing::error!(%restore, "could not put back messages after a failed drain");
             }
