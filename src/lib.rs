@@ -18,15 +18,20 @@
 //! **Records.** Every value starts with a format version byte (now `1`),
 //! then a bincode body: level, send time and text. A message sent to many
 //! users is stored once in the `texts` tree under its sequence number; each
-//! recipient's record is then two bytes. A bulk send writes recipients in
-//! chunks of 8,192 and commits by writing the text last: until then its
-//! records are invisible, and after a crash they are rolled back at open.
+//! recipient's record is then two bytes. A bulk send writes its recipients
+//! one insert at a time (sled 0.34 writes out its log buffer for every
+//! `Batch`, which was 3× slower and used gigabytes of memory) and commits by
+//! writing the text last: until then its records are invisible, and after a
+//! crash or a failure they are rolled back.
 //! The database's own format version is kept in the `meta` tree; a newer one
 //! is refused with [`Error::UnsupportedFormat`].
 //!
 //! **Exactly once.** A drain holds a lock stripe for its user while it scans
-//! and removes the records it read, in one atomic batch. Sends take no lock: a
-//! record inserted during a drain was either read and removed, or stays.
+//! and removes the records it read, so no other drain can see them. Sends
+//! take no lock: a record inserted during a drain was either read and
+//! removed, or stays. A crash in the middle of a drain (before it returned)
+//! can remove some of its messages and leave the later ones queued; a drain
+//! that returned is durable (with [`Durability::Immediate`]).
 //!
 //! **The empty queue** (most requests) is answered from memory: a fixed table
 //! of counters indexed by a hash of the user, each an upper bound of that
