@@ -39,6 +39,8 @@ pub(crate) struct Backend {
     quarantine: Tree,
     path: PathBuf,
     disk_reserve: u64,
+    /// Set when a flush failed: sled cannot recover from that while open.
+    poisoned: Arc<std::sync::atomic::AtomicBool>,
     /// The last free-space reading and when it was taken.
     free_space: Arc<Mutex<Option<(Instant, u64)>>>,
 }
@@ -86,6 +88,15 @@ impl QuarantinedRecord {
 }
 
 const FORMAT_KEY: &[u8] = b"format";
+/// The file, beside sled's, that records the record counts at a clean close.
+const CLEAN_MARK: &str = "async-messages.clean";
+
+/// How many records each tree holds.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RecordCounts {
+    pub(crate) messages: u64,
+    pub(crate) texts: u64,
+}
 
 fn is_lock_error(error: &sled::Error) -> bool {
     matches!(error, sled::Error::Io(e) if e.to_string().contains("could not acquire lock"))
@@ -157,6 +168,7 @@ impl Backend {
             quarantine: tree("quarantine")?,
             path: path.to_path_buf(),
             disk_reserve: options.disk_reserve,
+            poisoned: Arc::default(),
             free_space: Arc::new(Mutex::new(None)),
             db: db.clone(),
         };
@@ -240,6 +252,7 @@ impl Backend {
 
     /// Inserts a record; `true` if the key was new.
     pub(crate) fn insert_message(&self, key: &[u8], value: &[u8]) -> Result<bool> {
+        self.check_poisoned()?;
         self.messages
             .insert(key, value)
             .map(|previous| previous.is_none())
@@ -247,6 +260,7 @@ impl Backend {
     }
 
     pub(crate) fn remove_message(&self, key: &[u8]) -> Result<()> {
+        self.check_poisoned()?;
         self.messages.remove(key).map(drop).map_err(|e| self.err(e))
     }
 
@@ -282,6 +296,7 @@ impl Backend {
     }
 
     pub(crate) fn insert_text(&self, id: u64, value: &[u8]) -> Result<()> {
+        self.check_poisoned()?;
         self.texts
             .insert(crate::key::text_key(id), value)
             .map(drop)
@@ -345,12 +360,95 @@ impl Backend {
     }
 
     /// Makes every write so far durable (one fsync, shared by all trees).
+    ///
+    /// After a failed flush sled 0.34 can neither write nor close (its
+    /// later flushes wait forever for the failed write), so the first
+    /// failure poisons the handle: writes and flushes then fail at once
+    /// with a typed error instead of hanging.
     pub(crate) fn flush(&self) -> Result<()> {
-        self.db.flush().map(drop).map_err(|e| self.err(e))
+        self.check_poisoned()?;
+        self.db.flush().map(drop).map_err(|e| {
+            self.poisoned
+                .store(true, std::sync::atomic::Ordering::Release);
+            self.err(e)
+        })
+    }
+
+    pub(crate) fn is_poisoned(&self) -> bool {
+        self.poisoned.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn check_poisoned(&self) -> Result<()> {
+        if self.is_poisoned() {
+            return Err(Error::Storage {
+                path: self.path.clone(),
+                source: "an earlier write to disk failed, and sled cannot recover from that while the store is open; fix the disk and restart the process".into(),
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn clean_mark_path(&self) -> PathBuf {
+        self.path.join(CLEAN_MARK)
+    }
+
+    /// The record counts written at the last clean close, if the store was
+    /// closed cleanly since it was last opened. A mark that cannot be parsed
+    /// is ignored (it only ever makes the check stricter).
+    pub(crate) fn read_clean_mark(&self) -> Result<Option<RecordCounts>> {
+        let text = match std::fs::read_to_string(self.clean_mark_path()) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_error(&self.path, e)),
+        };
+        let field = |name: &str| {
+            text.split_whitespace()
+                .find_map(|part| part.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+        };
+        Ok(field("messages")
+            .zip(field("texts"))
+            .map(|(messages, texts)| RecordCounts { messages, texts }))
+    }
+
+    /// Removes the mark once the store is open: from now on it changes.
+    pub(crate) fn remove_clean_mark(&self) -> Result<()> {
+        match std::fs::remove_file(self.clean_mark_path()) {
+            Ok(()) => sync_dir(&self.path),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_error(&self.path, e)),
+        }
+    }
+
+    /// Writes the record counts beside sled's files, after the final flush.
+    pub(crate) fn write_clean_mark(&self) -> Result<()> {
+        let counts = RecordCounts {
+            messages: self.messages.len() as u64,
+            texts: self.texts.len() as u64,
+        };
+        let text = format!(
+            "async-messages clean close v1 messages={} texts={}\n",
+            counts.messages, counts.texts
+        );
+        let temporary = self.path.join(format!("{CLEAN_MARK}.tmp"));
+        let write = || -> io::Result<()> {
+            let mut file = std::fs::File::create(&temporary)?;
+            io::Write::write_all(&mut file, text.as_bytes())?;
+            file.sync_all()?;
+            std::fs::rename(&temporary, self.clean_mark_path())
+        };
+        write().map_err(|e| io_error(&self.path, e))?;
+        sync_dir(&self.path)
     }
 
     /// The database's size on disk, in bytes.
     pub(crate) fn size_on_disk(&self) -> Result<u64> {
         self.db.size_on_disk().map_err(|e| self.err(e))
     }
+}
+
+/// Makes a rename or removal in `dir` durable.
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|dir| dir.sync_all())
+        .map_err(|e| io_error(dir, e))
 }

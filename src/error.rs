@@ -112,6 +112,23 @@ pub enum Error {
         supported: u8,
     },
 
+    /// Fewer records could be read than the store held when it was last
+    /// closed cleanly: sled skipped a damaged part of its log. Nothing was
+    /// changed; the readable messages are intact.
+    #[error(
+        "the message store at {path} held {expected} records when it was last closed, but only {found} can be read: part of its log file is damaged and was skipped; restore a backup, or accept the loss by deleting {mark} and opening the store again"
+    )]
+    DataLoss {
+        /// The store's directory.
+        path: PathBuf,
+        /// Records at the last clean close.
+        expected: u64,
+        /// Records found now.
+        found: u64,
+        /// The clean-close mark to delete to accept the loss.
+        mark: PathBuf,
+    },
+
     /// A stored record could not be decoded. It has been moved to the store's
     /// quarantine (see [`MessageStore::quarantined`](crate::MessageStore::quarantined)),
     /// so the next call for the same user works again.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::backend::{Backend, Bytes, OpenOptions, QuarantinedRecord};
+use crate::backend::{Backend, Bytes, OpenOptions, QuarantinedRecord, RecordCounts};
 use crate::commit::GroupCommit;
 use crate::index::PendingIndex;
 use crate::message::{BulkSend, MessageId, Progress, now_ms};
@@ -253,6 +253,28 @@ struct Inner {
     max_message_bytes: usize,
     backend: Backend,
     _registration: Registration,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if self.backend.is_poisoned() {
+            // sled's own final flush would wait forever for the write that
+            // failed: leak its handles instead (the process should restart).
+            tracing::error!(
+                path = %self.backend.path().display(),
+                "closing a message store after a failed disk write; its files stay locked until the process exits"
+            );
+            std::mem::forget(self.backend.clone());
+            return;
+        }
+        if let Err(error) = self
+            .backend
+            .flush()
+            .and_then(|()| self.backend.write_clean_mark())
+        {
+            tracing::warn!(%error, "could not record a clean close of the message store");
+        }
+    }
 }
 
 /// What a read of one user's queue found.
@@ -917,8 +939,10 @@ impl Inner {
         let mut damaged = Vec::new();
         let mut records = 0_u64;
         let mut unreadable = 0_u64;
+        let mut seen = RecordCounts::default();
         for item in self.backend.all_messages() {
             let (key, value) = item?;
+            seen.messages += 1;
             let Some((prefix, seq)) = key::split_key(&key) else {
                 damaged.push((
                     key,
@@ -976,6 +1000,7 @@ impl Inner {
         let mut unused_texts = 0_u64;
         for item in self.backend.all_texts() {
             let (key, value) = item?;
+            seen.texts += 1;
             match key::split_text_key(&key) {
                 Some(id) if refs.contains_key(&id) => {}
                 Some(_) if record::decode_text(&value).is_err() => {
@@ -995,6 +1020,20 @@ impl Inner {
                         .quarantine("texts", &key, &value, "the key is not a text id")?
                 }
             }
+        }
+        // sled treats a damaged stretch of its log like the torn end of a
+        // crash and silently drops it and everything after it. Only a count
+        // kept outside sled shows that: compare with the last clean close.
+        if let Some(closed) = self.backend.read_clean_mark()? {
+            if seen.messages < closed.messages || seen.texts < closed.texts {
+                return Err(Error::DataLoss {
+                    path: self.backend.path().to_path_buf(),
+                    expected: closed.messages + closed.texts,
+                    found: seen.messages + seen.texts,
+                    mark: self.backend.clean_mark_path(),
+                });
+            }
+            self.backend.remove_clean_mark()?;
         }
         *self.refs.lock() = refs;
         if rolled_back + damaged.len() as u64 + unused_texts + unreadable > 0 {
