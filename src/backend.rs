@@ -198,7 +198,12 @@ impl Backend {
         }
     }
 
+    /// Maps a sled error; an I/O error poisons the handle (see [`Backend::flush`]).
     fn err(&self, error: sled::Error) -> Error {
+        if matches!(error, sled::Error::Io(_)) {
+            self.poisoned
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
         storage_error(&self.path, error)
     }
 
@@ -361,17 +366,13 @@ impl Backend {
 
     /// Makes every write so far durable (one fsync, shared by all trees).
     ///
-    /// After a failed flush sled 0.34 can neither write nor close (its
-    /// later flushes wait forever for the failed write), so the first
-    /// failure poisons the handle: writes and flushes then fail at once
-    /// with a typed error instead of hanging.
+    /// After a failed write sled 0.34 can neither write nor close (its
+    /// later flushes wait forever for the failed write), so the first I/O
+    /// error poisons the handle: writes and flushes then fail at once with a
+    /// typed error instead of hanging, and dropping the store does not wait.
     pub(crate) fn flush(&self) -> Result<()> {
         self.check_poisoned()?;
-        self.db.flush().map(drop).map_err(|e| {
-            self.poisoned
-                .store(true, std::sync::atomic::Ordering::Release);
-            self.err(e)
-        })
+        self.db.flush().map(drop).map_err(|e| self.err(e))
     }
 
     pub(crate) fn is_poisoned(&self) -> bool {
