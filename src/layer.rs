@@ -86,7 +86,9 @@ impl MessagesLayer {
 
     /// How messages are taken. Default: [`DeliveryMode::ExactlyOnce`]. With
     /// [`DeliveryMode::AtLeastOnce`] they are removed only if the handler's
-    /// response is a 2xx or 3xx.
+    /// response is a 2xx or 3xx. The removal happens when the handler
+    /// returns its response, before the body reaches the client: a
+    /// connection that drops while the body is sent still loses them.
     #[must_use]
     pub fn mode(mut self, mode: DeliveryMode) -> Self {
         self.hook = self.hook.mode(mode);
