@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use async_messages::{Error, Level, MessageStore, Result, UserId};
-use common::{TestDir, texts};
+use common::{TestDir, raw_db, texts};
 
 /// A store holding two messages for user 1 and one for "ann".
 fn seeded(dir: &TestDir) -> Result<MessageStore> {
@@ -210,66 +210,6 @@ fn a_store_already_open_in_this_process_is_refused() -> Result<()> {
     Ok(())
 }
 
-/// The holder for the test below: opens the store, says so, and waits for
-/// its stdin to close.
-#[test]
-#[ignore = "child process of a_store_already_open_in_another_process_is_refused"]
-fn bad_input_lock_holder() -> Result<()> {
-    let Ok(path) = std::env::var("ASYNC_MESSAGES_BAD_INPUT_HOLDER") else {
-        return Ok(());
-    };
-    let _store = MessageStore::open(path)?;
-    println!("\nholding");
-    let mut line = String::new();
-    let _ = std::io::stdin().read_line(&mut line);
-    Ok(())
-}
-
-#[test]
-fn a_store_already_open_in_another_process_is_refused() -> Result<()> {
-    use std::io::BufRead;
-    let dir = TestDir::new();
-    drop(seeded(&dir)?);
-    let mut child = Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            "--exact",
-            "bad_input_lock_holder",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("ASYNC_MESSAGES_BAD_INPUT_HOLDER", dir.store_path())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn the holder");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    // Keep reading until the holder exits, so that it never writes to a closed pipe.
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(std::io::Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let holding = rx.iter().any(|l| l == "holding");
-    assert!(holding, "the holder did not open the store");
-    let error = MessageStore::builder()
-        .path(dir.store_path())
-        .lock_timeout(Duration::from_millis(200))
-        .open()
-        .unwrap_err();
-    assert!(
-        matches!(&error, Error::AlreadyOpen { path } if *path == dir.store_path()),
-        "{error:?}"
-    );
-    drop(child.stdin.take());
-    assert!(child.wait().expect("wait").success());
-    assert_kept(&dir.open()?)
-}
-
 #[test]
 fn a_store_of_a_newer_format_version_is_refused_and_kept() -> Result<()> {
     let dir = TestDir::new();
@@ -314,16 +254,6 @@ fn a_store_of_a_newer_format_version_is_refused_and_kept() -> Result<()> {
     }
     set_format(1);
     assert_kept(&dir.open()?)
-}
-
-fn raw_db(path: &Path) -> sled::Db {
-    for _ in 0..1000 {
-        if let Ok(db) = sled::open(path) {
-            return db;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    panic!("cannot open the closed store with sled");
 }
 
 // --------------------------------------------------- mounted file systems

@@ -18,7 +18,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use async_messages::{Error, Level, MessageStore, Result, UserId};
-use common::{TestDir, texts};
+use common::{TestDir, raw_db, texts};
 
 /// A small deterministic generator (xorshift64*), so a failing seed replays.
 struct Rng(u64);
@@ -104,21 +104,6 @@ fn copy_dir(from: &Path, to: &Path) {
             copy_dir(&entry.path(), &target);
         } else {
             std::fs::copy(entry.path(), target).expect("copy");
-        }
-    }
-}
-
-/// Opens a closed store's database with sled directly.
-fn raw_db(path: &Path) -> sled::Db {
-    let started = Instant::now();
-    loop {
-        match sled::open(path) {
-            Ok(db) => return db,
-            Err(e) if started.elapsed() < Duration::from_secs(5) => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => panic!("cannot open the closed store with sled: {e}"),
         }
     }
 }

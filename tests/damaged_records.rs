@@ -3,20 +3,8 @@
 
 mod common;
 
-use async_messages::{Error, Level, MessageStore, Result};
-use common::{TestDir, texts};
-
-/// Opens the closed store's sled database directly, to write raw bytes.
-fn raw_db(dir: &TestDir) -> sled::Db {
-    // The store's background threads may hold the lock for a moment after drop.
-    for _ in 0..400 {
-        if let Ok(db) = sled::open(dir.store_path()) {
-            return db;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    panic!("could not open the closed store with sled");
-}
+use async_messages::{Error, Level, Result};
+use common::{TestDir, raw_db, texts};
 
 /// The key the store uses for integer user `user`, message `seq`.
 fn int_key(user: u64, seq: u64) -> Vec<u8> {
@@ -27,7 +15,7 @@ fn int_key(user: u64, seq: u64) -> Vec<u8> {
 }
 
 fn damage(dir: &TestDir, records: &[(Vec<u8>, Vec<u8>)]) {
-    let db = raw_db(dir);
+    let db = raw_db(&dir.store_path());
     let messages = db.open_tree("messages").expect("messages tree");
     for (key, value) in records {
         messages.insert(key, value.as_slice()).expect("insert");
@@ -107,34 +95,6 @@ fn a_damaged_key_is_quarantined_at_open() -> Result<()> {
 }
 
 #[test]
-fn a_store_of_a_newer_format_is_refused() -> Result<()> {
-    let dir = TestDir::new();
-    dir.open()?.info(1_u64, "kept")?;
-    {
-        let db = raw_db(&dir);
-        db.open_tree("meta")
-            .expect("meta tree")
-            .insert("format", &[2_u8])
-            .expect("insert");
-        db.flush().expect("flush");
-    }
-    let error = MessageStore::open(dir.store_path()).unwrap_err();
-    assert!(
-        matches!(
-            error,
-            Error::UnsupportedFormat {
-                found: 2,
-                supported: 1,
-                ..
-            }
-        ),
-        "{error:?}"
-    );
-    assert!(error.to_string().contains("upgrade async-messages"));
-    Ok(())
-}
-
-#[test]
 fn a_damaged_shared_text_is_reported_and_the_user_keeps_working() -> Result<()> {
     let dir = TestDir::new();
     let id = {
@@ -144,7 +104,7 @@ fn a_damaged_shared_text_is_reported_and_the_user_keeps_working() -> Result<()> 
         sent.id().expect("sent").get()
     };
     {
-        let db = raw_db(&dir);
+        let db = raw_db(&dir.store_path());
         db.open_tree("texts")
             .expect("texts tree")
             .insert(id.to_be_bytes(), &[1_u8, 0xff][..])

@@ -44,3 +44,19 @@ impl TestDir {
 pub fn texts(messages: &[async_messages::Message]) -> Vec<String> {
     messages.iter().map(|m| m.text().to_owned()).collect()
 }
+
+/// Opens a closed store's sled database directly, to read or write raw
+/// records. Waits for the lock that a just-dropped store's background
+/// threads may still hold for a moment.
+pub fn raw_db(path: &std::path::Path) -> sled::Db {
+    let started = std::time::Instant::now();
+    loop {
+        match sled::open(path) {
+            Ok(db) => return db,
+            Err(_) if started.elapsed() < std::time::Duration::from_secs(5) => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(e) => panic!("cannot open the closed store with sled: {e}"),
+        }
+    }
+}
