@@ -38,14 +38,16 @@
 //! slot's queued records, rebuilt at open. Its size does not grow with users.
 //!
 //! **When data reaches disk.** [`Durability::Immediate`] (the default): a send
-//! or a drain returns after an fsync, shared by all concurrent callers (group
-//! commit on a dedicated thread). A crash — kill -9 or power loss — loses
+//! or a drain returns after sled's flush and an `fdatasync` of its log file
+//! (sled alone uses `sync_file_range`, which does not survive a power loss),
+//! shared by all concurrent callers (group commit on a dedicated thread). A crash — kill -9 or power loss — loses
 //! nothing acknowledged, and no acknowledged drain comes back. Writes not yet
 //! acknowledged when the crash hits may or may not survive; a bulk send
 //! survives whole or not at all. [`Durability::Periodic`]: sled writes in the
-//! background every interval (default 500 ms); a crash can lose sends
-//! acknowledged within the last interval, and drained messages from that
-//! interval can be delivered again.
+//! background every interval; kill -9 can lose sends acknowledged within the
+//! last interval, and drained messages from that interval can be delivered
+//! again; a power loss can lose everything since the last
+//! [`MessageStore::flush`].
 //!
 //! **A full disk.** sled 0.34 cannot recover from a failed log write while
 //! open (every later flush, including the one on drop, waits forever), so

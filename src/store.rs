@@ -19,17 +19,19 @@ use crate::{Error, Level, Message, Result, UserId, key};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Durability {
-    /// Every send and every drain returns only after it is on disk (fsync).
+    /// Every send and every drain returns only after it is on disk (sled's
+    /// flush, then `fdatasync` of its log file).
     /// Concurrent callers share one fsync (group commit), so many threads
     /// sending at once cost little more than one. After a crash or power
     /// loss nothing acknowledged is lost and no drained message comes back.
     /// The default.
     #[default]
     Immediate,
-    /// Writes reach the disk in the background, at least this often. A send
-    /// or drain acknowledged less than this long before a crash (kill -9 or
-    /// power loss) can be lost (a send) or come back (a drain).
-    /// [`MessageStore::flush`] forces a write to disk.
+    /// sled writes to the disk in the background, at least this often. If
+    /// the process is killed, a send or drain acknowledged less than this
+    /// long before can be lost (a send) or come back (a drain). sled's
+    /// background write does not flush the drive's cache, so on a power loss
+    /// everything since the last [`MessageStore::flush`] (which does) is at risk.
     Periodic(Duration),
 }
 
@@ -591,8 +593,8 @@ impl MessageStore {
         })
     }
 
-    /// Makes every write so far durable. Only needed with
-    /// [`Durability::Periodic`].
+    /// Makes every write so far durable, also against a power loss (sled's
+    /// flush, then `fdatasync`). Only needed with [`Durability::Periodic`].
     ///
     /// # Errors
     /// A storage error if the disk write fails.
