@@ -54,6 +54,8 @@ type ResolveUser = dyn Fn(&Parts) -> Option<UserId> + Send + Sync;
 pub struct MessagesLayer {
     hook: RequestHook,
     user: Arc<ResolveUser>,
+    #[cfg(feature = "axum-messages")]
+    into_flash: bool,
 }
 
 impl std::fmt::Debug for MessagesLayer {
@@ -74,6 +76,8 @@ impl MessagesLayer {
         MessagesLayer {
             hook: RequestHook::new(store),
             user: Arc::new(user),
+            #[cfg(feature = "axum-messages")]
+            into_flash: false,
         }
     }
 
@@ -94,6 +98,18 @@ impl MessagesLayer {
         self.hook = self.hook.mode(mode);
         self
     }
+
+    /// Also pushes the delivered messages into axum-messages' flash (feature
+    /// `axum-messages`) before the handler runs, so a page that already shows
+    /// `axum_messages::Messages` shows ours among them, on this page. Needs
+    /// axum-messages' `MessagesManagerLayer` outside this layer (added after
+    /// it with `.layer(..)`); without it, this does nothing. Default: off.
+    #[cfg(feature = "axum-messages")]
+    #[must_use]
+    pub fn into_flash(mut self) -> Self {
+        self.into_flash = true;
+        self
+    }
 }
 
 impl<S> Layer<S> for MessagesLayer {
@@ -104,6 +120,8 @@ impl<S> Layer<S> for MessagesLayer {
             inner,
             hook: self.hook.clone(),
             user: Arc::clone(&self.user),
+            #[cfg(feature = "axum-messages")]
+            into_flash: self.into_flash,
         }
     }
 }
@@ -114,6 +132,8 @@ pub struct MessagesService<S> {
     inner: S,
     hook: RequestHook,
     user: Arc<ResolveUser>,
+    #[cfg(feature = "axum-messages")]
+    into_flash: bool,
 }
 
 impl<S> std::fmt::Debug for MessagesService<S> {
@@ -188,6 +208,11 @@ where
         let (mut parts, body) = request.into_parts();
         let user = (self.user)(&parts);
         let owned = OwnedKind::new(&parts);
+        #[cfg(feature = "axum-messages")]
+        let flash = self
+            .into_flash
+            .then(|| parts.extensions.get::<axum_messages::Messages>().cloned())
+            .flatten();
 
         Box::pin(async move {
             let delivery = if hook.may_deliver(user.as_ref(), &owned.kind()) {
@@ -201,6 +226,14 @@ where
                     .map(|delivery| Arc::from(delivery.messages()))
                     .unwrap_or_else(|| Arc::from(Vec::new())),
             };
+            #[cfg(feature = "axum-messages")]
+            if let Some(flash) = flash
+                && !messages.is_empty()
+            {
+                // Shares its state with the handler's extractor, which
+                // shows pending messages when it is extracted.
+                let _ = messages.push_into(flash);
+            }
             parts.extensions.insert(messages);
             let response = inner.call(Request::from_parts(parts, body)).await;
             if let Some(delivery) = delivery {

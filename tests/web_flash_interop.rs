@@ -1,6 +1,7 @@
 //! Interop with axum-messages (feature `axum-messages`): messages our layer
-//! delivers, pushed into axum-messages' flash, come out of its extractor on
-//! the next request with the same text and level, and leave our store.
+//! delivers, pushed into axum-messages' flash, come out of its extractor
+//! with the same text and level, and leave our store: on the next request
+//! when a handler pushes them, on this page with `MessagesLayer::into_flash`.
 #![cfg(feature = "axum-messages")]
 
 mod common;
@@ -92,6 +93,40 @@ async fn delivered_messages_reach_axum_messages_flash_with_their_levels() -> Res
         )
     );
     // axum-messages shows them once too.
+    assert_eq!(
+        get_body(&app, "/flash").await,
+        (StatusCode::OK, String::new())
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn into_flash_shows_delivered_messages_in_the_flash_of_this_page() -> Result<()> {
+    let dir = TestDir::new();
+    let store = dir.open()?;
+    store.warning("ann", "disk almost full")?;
+    store.info("ann", "report ready")?;
+
+    let session = Session::new(None, Arc::new(NoStore), None);
+    let app = Router::new()
+        .route("/flash", get(show_flash))
+        .layer(
+            MessagesLayer::new(store.clone(), |parts: &http::request::Parts| {
+                Some(UserId::from(parts.headers.get("x-user")?.to_str().ok()?))
+            })
+            .into_flash(),
+        )
+        .layer(axum_messages::MessagesManagerLayer)
+        .layer(Extension(session));
+
+    assert_eq!(
+        get_body(&app, "/flash").await,
+        (
+            StatusCode::OK,
+            "Warning:disk almost full;Info:report ready;".into()
+        )
+    );
+    assert_eq!(store.count("ann")?, 0);
     assert_eq!(
         get_body(&app, "/flash").await,
         (StatusCode::OK, String::new())
