@@ -164,9 +164,7 @@ impl Builder {
         let commit = match self.durability {
             Durability::Immediate => {
                 let flusher = backend.clone();
-                let thread = GroupCommit::start(move || flusher.flush())
-                    .map_err(|e| crate::backend::io_error(&path, e))?;
-                Some(thread)
+                Some(GroupCommit::new(move || flusher.flush()))
             }
             Durability::Periodic(_) => None,
         };
@@ -238,8 +236,8 @@ impl std::fmt::Debug for MessageStore {
     }
 }
 
-// Field order is drop order: the commit thread stops first, the path is
-// released last, after sled has closed its files.
+// Field order is drop order: the path is released last, after sled has
+// closed its files.
 struct Inner {
     commit: Option<GroupCommit>,
     index: PendingIndex,
@@ -703,7 +701,7 @@ impl Inner {
     /// Waits until earlier writes are durable, when the store promises that.
     fn commit(&self) -> Result<()> {
         match &self.commit {
-            Some(group) => group.wait(|| self.backend.flush()),
+            Some(group) => group.wait(),
             None => Ok(()),
         }
     }
