@@ -35,7 +35,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use async_messages::{Durability, Level, MessageStore, Result, UserId};
-use common::TestDir;
+use common::{Rng, TestDir};
 
 const DIR_ENV: &str = "ASYNC_MESSAGES_CRASH_DIR";
 const CYCLE_ENV: &str = "ASYNC_MESSAGES_CRASH_CYCLE";
@@ -86,24 +86,6 @@ const USERS: usize = 24;
 /// print order.
 fn owner(user: usize) -> usize {
     user % THREADS
-}
-
-/// A small deterministic generator (xorshift64*), so a failing seed replays.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.max(1))
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 // ---------------------------------------------------------------- the child

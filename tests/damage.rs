@@ -18,25 +18,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use async_messages::{Error, Level, MessageStore, Result, UserId};
-use common::{TestDir, raw_db, texts};
-
-/// A small deterministic generator (xorshift64*), so a failing seed replays.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.max(1))
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
+use common::{Rng, TestDir, raw_db, texts};
 
 fn seed() -> u64 {
     std::env::var("ASYNC_MESSAGES_DAMAGE_SEED")
