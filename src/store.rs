@@ -318,7 +318,10 @@ impl MessageStore {
     /// [`Error::MessageTooLarge`], [`Error::EmptyMessage`] and
     /// [`Error::UserIdTooLong`] before anything is written; a storage error
     /// (such as [`Error::DiskFull`]) if the write fails, in which case the
-    /// message is not queued.
+    /// message is not queued. One exception: if the disk itself fails while
+    /// making the message durable, the handle is poisoned (every later call
+    /// fails until the process restarts) and the message may or may not be
+    /// there after the restart.
     pub fn message_user(
         &self,
         user: impl Into<UserId>,
