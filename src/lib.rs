@@ -26,10 +26,12 @@
 //! The database's own format version is kept in the `meta` tree; a newer one
 //! is refused with [`Error::UnsupportedFormat`].
 //!
-//! **Exactly once.** A drain holds a lock stripe for its user while it scans
-//! and removes the records it read, so no other drain can see them. Sends
-//! take no lock: a record inserted during a drain was either read and
-//! removed, or stays. A crash in the middle of a drain (before it returned)
+//! **Exactly once, in order.** A drain holds a lock stripe for its user
+//! while it scans and removes the records it read, so no other drain can see
+//! them. An insert holds the same stripe for the moment of the insert (not
+//! while waiting for the disk): sled's iterators are not snapshots, and a
+//! scan running beside inserts could see a sender's second message without
+//! its first. A crash in the middle of a drain (before it returned)
 //! can remove some of its messages and leave the later ones queued; a drain
 //! that returned is durable (with [`Durability::Immediate`]).
 //!
