@@ -35,7 +35,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use async_messages::{Durability, Level, MessageStore, Result, UserId};
-use common::{Rng, TestDir};
+use common::{Rng, TestDir, seed_from_env};
 
 const DIR_ENV: &str = "ASYNC_MESSAGES_CRASH_DIR";
 const CYCLE_ENV: &str = "ASYNC_MESSAGES_CRASH_CYCLE";
@@ -519,14 +519,7 @@ fn tail(lines: &[String]) -> &[String] {
 
 /// Runs the loop; `Err` describes the first broken promise.
 fn crash_loop(cycles: u64, lax: bool) -> Result<std::result::Result<(), String>> {
-    let seed = std::env::var(SEED_ENV)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        });
+    let seed = seed_from_env(SEED_ENV);
     println!("crash loop: {cycles} cycles, seed {seed} (set {SEED_ENV} to replay)");
     let mut rng = Rng::new(seed);
     let dir = TestDir::new();

@@ -18,17 +18,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use async_messages::{Error, Level, MessageStore, Result, UserId};
-use common::{Rng, TestDir, raw_db, texts};
+use common::{Rng, TestDir, raw_db, seed_from_env, texts};
 
 fn seed() -> u64 {
-    std::env::var("ASYNC_MESSAGES_DAMAGE_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        })
+    seed_from_env("ASYNC_MESSAGES_DAMAGE_SEED")
 }
 
 const USERS: usize = 12;

@@ -10,7 +10,6 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::routing::get;
 use common::TestDir;
-use tower::ServiceExt;
 
 async fn page(messages: Messages) -> String {
     messages.iter().map(|m| format!("{};", m.text())).collect()
@@ -40,16 +39,7 @@ async fn get_body(app: &Router, uri: &str, user: Option<&str>, xhr: bool) -> (St
     if xhr {
         request = request.header("x-requested-with", "XMLHttpRequest");
     }
-    let response = app
-        .clone()
-        .oneshot(request.body(Body::empty()).expect("request"))
-        .await
-        .expect("infallible");
-    let status = response.status();
-    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
-        .await
-        .expect("body");
-    (status, String::from_utf8_lossy(&bytes).into_owned())
+    common::call(app, request.body(Body::empty()).expect("request")).await
 }
 
 #[tokio::test]

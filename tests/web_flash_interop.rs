@@ -14,7 +14,6 @@ use axum::http::{Request, StatusCode};
 use axum::routing::get;
 use axum::{Extension, Router};
 use common::TestDir;
-use tower::ServiceExt;
 use tower_sessions_core::session::{Id, Record};
 use tower_sessions_core::{Session, SessionStore, session_store};
 
@@ -53,12 +52,7 @@ async fn get_body(app: &Router, uri: &str) -> (StatusCode, String) {
         .header("x-user", "ann")
         .body(Body::empty())
         .expect("request");
-    let response = app.clone().oneshot(request).await.expect("infallible");
-    let status = response.status();
-    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
-        .await
-        .expect("body");
-    (status, String::from_utf8_lossy(&bytes).into_owned())
+    common::call(app, request).await
 }
 
 #[tokio::test]

@@ -81,3 +81,31 @@ impl Rng {
         self.next() % n.max(1)
     }
 }
+
+/// The seed in environment variable `var`, or one from the clock: print it
+/// so that a failing run can be replayed.
+pub fn seed_from_env(var: &str) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        })
+}
+
+/// Sends `request` through an axum app in-process and reads the whole body.
+#[cfg(feature = "axum")]
+pub async fn call(
+    app: &axum::Router,
+    request: axum::http::Request<axum::body::Body>,
+) -> (axum::http::StatusCode, String) {
+    use tower::ServiceExt;
+    let response = app.clone().oneshot(request).await.expect("infallible");
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .expect("body");
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
