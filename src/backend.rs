@@ -2,7 +2,8 @@
 //!
 //! Trees:
 //! - `messages`: `user prefix ‖ seq` → message record (see `key` and `record`);
-//! - `texts`: `id` → shared text of a bulk send;
+//! - `texts`: `id` → shared text of a small bulk send;
+//! - `bulk`: `id` → a large bulk send: text and recipient set (see `bulk.rs`);
 //! - `quarantine`: `id` → a damaged record moved out of the way;
 //! - `meta`: `format` → the database's format version.
 
@@ -36,6 +37,7 @@ pub(crate) struct Backend {
     db: sled::Db,
     messages: Tree,
     texts: Tree,
+    bulk: Tree,
     quarantine: Tree,
     path: PathBuf,
     disk_reserve: u64,
@@ -58,7 +60,7 @@ pub struct QuarantinedRecord {
 }
 
 impl QuarantinedRecord {
-    /// Where the record was: `"messages"` or `"texts"`.
+    /// Where the record was: `"messages"`, `"texts"` or `"bulk"`.
     #[must_use]
     pub fn tree(&self) -> &str {
         &self.tree
@@ -98,6 +100,7 @@ const CLEAN_MARK: &str = "async-messages.clean";
 pub(crate) struct RecordCounts {
     pub(crate) messages: u64,
     pub(crate) texts: u64,
+    pub(crate) bulk: u64,
 }
 
 fn is_lock_error(error: &sled::Error) -> bool {
@@ -167,6 +170,7 @@ impl Backend {
         let backend = Backend {
             messages: tree("messages")?,
             texts: tree("texts")?,
+            bulk: tree("bulk")?,
             quarantine: tree("quarantine")?,
             path: path.to_path_buf(),
             disk_reserve: options.disk_reserve,
@@ -319,6 +323,46 @@ impl Backend {
         self.texts.remove(key).map(drop).map_err(|e| self.err(e))
     }
 
+    /// Stores a bulk record (one insert: sled writes it atomically).
+    pub(crate) fn insert_bulk(&self, id: u64, value: &[u8]) -> Result<()> {
+        self.check_poisoned()?;
+        self.bulk
+            .insert(crate::key::text_key(id), value)
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
+    pub(crate) fn remove_bulk(&self, id: u64) -> Result<()> {
+        self.check_poisoned()?;
+        self.bulk
+            .remove(crate::key::text_key(id))
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
+    /// All bulk records, for recovery at open.
+    pub(crate) fn all_bulks(&self) -> impl Iterator<Item = Result<(Bytes, Bytes)>> + '_ {
+        self.bulk.iter().map(|item| item.map_err(|e| self.err(e)))
+    }
+
+    /// Writes taken marks and removes drained records in one atomic batch.
+    pub(crate) fn apply_drain(
+        &self,
+        marks: &[impl AsRef<[u8]>],
+        removed: &[impl AsRef<[u8]>],
+    ) -> Result<()> {
+        self.check_poisoned()?;
+        let mut batch = sled::Batch::default();
+        let taken = crate::record::encode_taken();
+        for key in marks {
+            batch.insert(key.as_ref(), taken.as_slice());
+        }
+        for key in removed {
+            batch.remove(key.as_ref());
+        }
+        self.messages.apply_batch(batch).map_err(|e| self.err(e))
+    }
+
     /// Moves a damaged record out of `tree` into the quarantine. The copy is
     /// written before the original is removed, so a crash in between leaves
     /// both (harmless) rather than neither.
@@ -344,10 +388,10 @@ impl Backend {
         self.quarantine
             .insert(id.to_be_bytes(), bytes)
             .map_err(|e| self.err(e))?;
-        let source = if tree == "texts" {
-            &self.texts
-        } else {
-            &self.messages
+        let source = match tree {
+            "texts" => &self.texts,
+            "bulk" => &self.bulk,
+            _ => &self.messages,
         };
         source.remove(key).map(drop).map_err(|e| self.err(e))
     }
@@ -423,9 +467,14 @@ impl Backend {
             text.split_whitespace()
                 .find_map(|part| part.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
         };
+        // `bulk` was added later: a mark without it counts none.
         Ok(field("messages")
             .zip(field("texts"))
-            .map(|(messages, texts)| RecordCounts { messages, texts }))
+            .map(|(messages, texts)| RecordCounts {
+                messages,
+                texts,
+                bulk: field("bulk").unwrap_or(0),
+            }))
     }
 
     /// Removes the mark once the store is open: from now on it changes.
@@ -442,10 +491,11 @@ impl Backend {
         let counts = RecordCounts {
             messages: self.messages.len() as u64,
             texts: self.texts.len() as u64,
+            bulk: self.bulk.len() as u64,
         };
         let text = format!(
-            "async-messages clean close v1 messages={} texts={}\n",
-            counts.messages, counts.texts
+            "async-messages clean close v1 messages={} texts={} bulk={}\n",
+            counts.messages, counts.texts, counts.bulk
         );
         let temporary = self.path.join(format!("{CLEAN_MARK}.tmp"));
         let write = || -> io::Result<()> {

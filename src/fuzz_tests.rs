@@ -66,6 +66,7 @@ proptest! {
             let again = match &record {
                 Record::Inline { level, sent_at_ms, text } => record::encode_inline(*level, *sent_at_ms, text),
                 Record::Shared => record::encode_shared(),
+                Record::Taken => record::encode_taken(),
             };
             prop_assert_eq!(again, bytes.clone(), "a decoded record re-encodes to its bytes");
         }
@@ -93,6 +94,51 @@ proptest! {
         }
         if let Some(id) = split_text_key(&bytes) {
             prop_assert_eq!(key::text_key(id).to_vec(), bytes);
+        }
+    }
+}
+
+/// Valid bulk records, then damaged: bits flipped, cut short or extended.
+fn bulk_like() -> impl Strategy<Value = Vec<u8>> {
+    (
+        proptest::collection::vec(any::<u64>(), 0..64),
+        proptest::collection::vec(0_u64..70_000, 0..64),
+        proptest::collection::vec("[a-c\\x00é]{0,4}", 0..8),
+        any::<u16>(),
+        any::<u8>(),
+        0_u8..4,
+    )
+        .prop_map(|(sparse, dense, strs, at, bits, how)| {
+            let mut recipients = crate::bulk::Recipients::default();
+            for id in sparse.into_iter().chain(dense) {
+                recipients.push(crate::UserId::Int(id));
+            }
+            for name in strs {
+                recipients.push(crate::UserId::Str(name));
+            }
+            recipients.seal();
+            let mut bytes = record::encode_bulk(crate::Level::Info, 1, "hello", &recipients);
+            let at = usize::from(at) % bytes.len();
+            match how {
+                0 => {}
+                1 => bytes[at] ^= bits | 1,
+                2 => bytes.truncate(at),
+                _ => bytes.insert(at, bits),
+            }
+            bytes
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4096))]
+
+    /// A bulk record, damaged or not, decodes to an error or to a record
+    /// that encodes back to one decoding to the same thing.
+    #[test]
+    fn bulk_decoder_never_panics(bytes in prop_oneof![bulk_like(), record_like()]) {
+        if let Ok(bulk) = record::decode_bulk(&bytes) {
+            let again = record::encode_bulk(bulk.level, bulk.sent_at_ms, &bulk.text, &bulk.recipients);
+            prop_assert_eq!(record::decode_bulk(&again), Ok(bulk));
         }
     }
 }

@@ -45,6 +45,12 @@ pub(crate) fn user_prefix(user: &UserId) -> Result<Vec<u8>> {
     }
 }
 
+/// Writes the prefix of integer user `id` into `out`, without allocating.
+pub(crate) fn write_int_prefix(out: &mut [u8; 9], id: u64) {
+    out[0] = TAG_INT;
+    out[1..].copy_from_slice(&id.to_be_bytes());
+}
+
 /// Writes the key of `user`'s message `seq` into `out` (cleared first),
 /// reusing its allocation.
 pub(crate) fn write_message_key(out: &mut Vec<u8>, user: &UserId, seq: u64) -> Result<()> {

@@ -75,6 +75,7 @@
 )]
 
 mod backend;
+mod bulk;
 mod commit;
 mod error;
 #[cfg(test)]

@@ -15,6 +15,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::Level;
+use crate::bulk::Recipients;
 
 /// The newest record format this library writes and reads.
 pub(crate) const FORMAT_VERSION: u8 = 1;
@@ -31,6 +32,7 @@ enum StoredMessage {
         text: String,
     },
     Shared,
+    Taken,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -51,6 +53,9 @@ pub(crate) enum Record {
     },
     /// The text is the shared text whose id is the key's sequence number.
     Shared,
+    /// A taken mark: the user has taken the bulk record whose id is the
+    /// key's sequence number.
+    Taken,
 }
 
 /// A decoded shared text.
@@ -125,6 +130,91 @@ pub(crate) fn decode_record(bytes: &[u8]) -> Result<Record, String> {
             text,
         },
         StoredMessage::Shared => Record::Shared,
+        StoredMessage::Taken => Record::Taken,
+    })
+}
+
+/// The value of a taken mark.
+pub(crate) fn encode_taken() -> Vec<u8> {
+    encode(&StoredMessage::Taken)
+}
+
+#[derive(Serialize, Deserialize)]
+struct BulkHeader {
+    level: u8,
+    sent_at_ms: u64,
+    text: String,
+    /// Sorted, without duplicates.
+    strs: Vec<String>,
+}
+
+/// A decoded bulk record.
+#[derive(Debug, PartialEq)]
+pub(crate) struct BulkRecord {
+    pub(crate) level: Level,
+    pub(crate) sent_at_ms: u64,
+    pub(crate) text: String,
+    pub(crate) recipients: Recipients,
+}
+
+/// `FORMAT_VERSION ‖ bincode(level, sent_at_ms, text, string ids) ‖ roaring
+/// treemap of the integer ids` (the roaring format is portable and specified).
+pub(crate) fn encode_bulk(
+    level: Level,
+    sent_at_ms: u64,
+    text: &str,
+    recipients: &Recipients,
+) -> Vec<u8> {
+    let mut out = encode(&BulkHeader {
+        level: level as u8,
+        sent_at_ms,
+        text: text.to_owned(),
+        strs: recipients.strs.clone(),
+    });
+    out.reserve(usize::try_from(recipients.ints.serialized_size()).unwrap_or(0));
+    // Writing into a Vec cannot fail.
+    let _ = recipients.ints.serialize_into(&mut out);
+    out
+}
+
+pub(crate) fn decode_bulk(bytes: &[u8]) -> Result<BulkRecord, String> {
+    let (&version, body) = bytes
+        .split_first()
+        .ok_or_else(|| "the record is empty".to_owned())?;
+    if version == 0 || version > FORMAT_VERSION {
+        return Err(format!(
+            "format version {version}, but this library reads versions 1 to {FORMAT_VERSION}"
+        ));
+    }
+    let (header, used) = bincode::serde::decode_from_slice::<BulkHeader, _>(body, config())
+        .map_err(|e| format!("the bulk record does not decode: {e}"))?;
+    let mut rest = body.get(used..).unwrap_or_default();
+    let ints = roaring::RoaringTreemap::deserialize_from(&mut rest)
+        .map_err(|e| format!("the bulk record's recipient set does not decode: {e}"))?;
+    if !rest.is_empty() {
+        return Err(format!(
+            "{} unexpected bytes after the bulk record",
+            rest.len()
+        ));
+    }
+    if header.strs.windows(2).any(|w| w[0] >= w[1]) {
+        return Err("the bulk record's string ids are not sorted".to_owned());
+    }
+    if let Some(long) = header
+        .strs
+        .iter()
+        .find(|s| s.len() > crate::UserId::MAX_STR_BYTES)
+    {
+        return Err(format!("a string id of {} bytes", long.len()));
+    }
+    Ok(BulkRecord {
+        level: level(header.level)?,
+        sent_at_ms: header.sent_at_ms,
+        text: header.text,
+        recipients: Recipients {
+            ints,
+            strs: header.strs,
+        },
     })
 }
 
@@ -169,6 +259,27 @@ mod tests {
             })
         );
         assert_eq!(decode_record(&encode_shared()), Ok(Record::Shared));
+        assert_eq!(decode_record(&encode_taken()), Ok(Record::Taken));
+        let mut recipients = Recipients::default();
+        for user in [
+            crate::UserId::Int(3),
+            "b".into(),
+            "a".into(),
+            crate::UserId::Int(u64::MAX),
+        ] {
+            recipients.push(user);
+        }
+        recipients.seal();
+        let bulk = decode_bulk(&encode_bulk(Level::Info, 7, "all", &recipients));
+        assert_eq!(
+            bulk,
+            Ok(BulkRecord {
+                level: Level::Info,
+                sent_at_ms: 7,
+                text: "all".into(),
+                recipients
+            })
+        );
         let text = decode_text(&encode_text(Level::Error, 9, "boom"));
         assert_eq!(text.map(|t| t.text), Ok("boom".to_owned()));
     }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use crate::backend::{Backend, Bytes, OpenOptions, QuarantinedRecord, RecordCounts};
+use crate::bulk::{Bulk, BulkList, Maintenance, Recipients};
 use crate::commit::GroupCommit;
 use crate::index::PendingIndex;
 use crate::message::{BulkSend, MessageId, Progress, now_ms};
@@ -168,7 +169,11 @@ impl Builder {
             }
             Durability::Periodic(_) => None,
         };
+        let bulks = Arc::new(BulkList::default());
+        let maintenance = Maintenance::start(backend.clone(), bulks.clone())?;
         let inner = Inner {
+            maintenance,
+            bulks,
             commit,
             index: PendingIndex::new(self.index_slots),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
@@ -240,6 +245,10 @@ impl std::fmt::Debug for MessageStore {
 // Field order is drop order: the path is released last, after sled has
 // closed its files.
 struct Inner {
+    /// Folds bulk records in the background; stopped first on drop.
+    maintenance: Maintenance,
+    /// Live bulk records (large bulk sends), in sequence order.
+    bulks: Arc<BulkList>,
     commit: Option<GroupCommit>,
     index: PendingIndex,
     stripes: Box<[Mutex<()>]>,
@@ -258,6 +267,7 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        self.maintenance.stop();
         if self.backend.is_poisoned() {
             // sled's own final flush would wait forever for the write that
             // failed: leak its handles instead (the process should restart).
@@ -281,9 +291,29 @@ impl Drop for Inner {
 /// What a read of one user's queue found.
 #[derive(Default)]
 struct Collected {
+    /// In send order.
     messages: Vec<Message>,
+    /// The user's own records among them (removed by a drain).
     records: Vec<(Bytes, Bytes)>,
+    /// Small bulk sends among them, whose shared text loses a recipient.
     shared: Vec<u64>,
+    /// Large bulk sends among them, and the keys of the taken marks a drain writes.
+    bulks: Vec<(Arc<Bulk>, Vec<u8>)>,
+}
+
+impl Collected {
+    /// Records and bulk messages: what the index counted.
+    fn count(&self) -> u32 {
+        u32::try_from(self.records.len() + self.bulks.len()).unwrap_or(u32::MAX)
+    }
+
+    /// The keys that hide these messages from other drains while leased.
+    fn lease_keys(&self) -> impl Iterator<Item = &[u8]> {
+        self.records
+            .iter()
+            .map(|(key, _)| key.as_ref())
+            .chain(self.bulks.iter().map(|(_, mark)| mark.as_slice()))
+    }
 }
 
 impl MessageStore {
@@ -397,11 +427,22 @@ impl MessageStore {
                 recipients: 0,
             });
         }
+        // Up to the threshold, a record per recipient; above it, one record.
+        let mut users = users.into_iter().map(Into::into);
+        let first: Vec<UserId> = users.by_ref().take(crate::bulk::THRESHOLD + 1).collect();
+        if first.len() > crate::bulk::THRESHOLD {
+            return self.inner.send_bulk_record(
+                first.into_iter().chain(users),
+                text,
+                level,
+                progress,
+            );
+        }
         let inner = &self.inner;
         inner.backend.check_space()?;
         let id = inner.backend.next_id()?;
         inner.inflight.lock().insert(id);
-        let written = inner.write_recipients(id, users, &mut progress);
+        let written = inner.write_recipients(id, first, &mut progress);
         let result = written.and_then(|recipients| {
             if recipients == 0 {
                 return Ok(0);
@@ -519,7 +560,8 @@ impl MessageStore {
     /// to quarantine, nothing is removed, and the next call returns the rest.
     /// A storage error if the removal fails; the messages then stay queued.
     pub fn get_messages(&self, user: impl Into<UserId>) -> Result<Vec<Message>> {
-        let prefix = key::user_prefix(&user.into())?;
+        let user = user.into();
+        let prefix = key::user_prefix(&user)?;
         let inner = &self.inner;
         let slot = inner.index.slot(&prefix);
         if inner.index.is_empty(slot) {
@@ -527,11 +569,11 @@ impl MessageStore {
         }
         let collected = {
             let _drain = inner.stripe(slot).lock();
-            let collected = inner.collect(&prefix, slot, true)?;
-            inner.remove(slot, &collected.records)?;
+            let collected = inner.collect(&user, &prefix, slot, true)?;
+            inner.remove(slot, &collected)?;
             collected
         };
-        inner.finish_removal(slot, collected)
+        inner.finish_removal(&user, slot, collected)
     }
 
     /// `false` when `user` certainly has nothing queued. Answered from
@@ -548,13 +590,14 @@ impl MessageStore {
     /// # Errors
     /// As for [`get_messages`](Self::get_messages).
     pub fn peek(&self, user: impl Into<UserId>) -> Result<Vec<Message>> {
-        let prefix = key::user_prefix(&user.into())?;
+        let user = user.into();
+        let prefix = key::user_prefix(&user)?;
         let slot = self.inner.index.slot(&prefix);
         if self.inner.index.is_empty(slot) {
             return Ok(Vec::new());
         }
         let _scan = self.inner.stripe(slot).lock();
-        Ok(self.inner.collect(&prefix, slot, false)?.messages)
+        Ok(self.inner.collect(&user, &prefix, slot, false)?.messages)
     }
 
     /// How many messages `user` has queued (leased ones included).
@@ -574,23 +617,25 @@ impl MessageStore {
     /// # Errors
     /// As for [`get_messages`](Self::get_messages).
     pub fn lease_messages(&self, user: impl Into<UserId>) -> Result<Lease> {
-        let prefix = key::user_prefix(&user.into())?;
+        let user = user.into();
+        let prefix = key::user_prefix(&user)?;
         let inner = &self.inner;
         let slot = inner.index.slot(&prefix);
         let collected = if inner.index.is_empty(slot) {
             Collected::default()
         } else {
             let _drain = inner.stripe(slot).lock();
-            let collected = inner.collect(&prefix, slot, true)?;
+            let collected = inner.collect(&user, &prefix, slot, true)?;
             let mut leased = inner.leased.lock();
-            for (key, _) in &collected.records {
-                leased.insert(key.clone());
+            for key in collected.lease_keys() {
+                leased.insert(Bytes::from(key));
             }
             inner.leased_count.store(leased.len(), Ordering::Release);
             collected
         };
         Ok(Lease {
             store: self.clone(),
+            user,
             slot,
             collected: Some(collected),
         })
@@ -643,6 +688,7 @@ impl MessageStore {
 #[must_use = "a lease puts its messages back when dropped; call .commit() once they are shown"]
 pub struct Lease {
     store: MessageStore,
+    user: UserId,
     slot: usize,
     collected: Option<Collected>,
 }
@@ -675,17 +721,17 @@ impl Lease {
         let inner = &self.store.inner;
         let removed = {
             let _drain = inner.stripe(self.slot).lock();
-            inner.remove(self.slot, &collected.records)
+            inner.remove(self.slot, &collected)
         };
-        inner.unlease(&collected.records);
+        inner.unlease(&collected);
         removed?;
-        inner.finish_removal(self.slot, collected)
+        inner.finish_removal(&self.user, self.slot, collected)
     }
 
     /// Puts the messages back in the queue (the same as dropping the lease).
     pub fn release(mut self) {
         if let Some(collected) = self.collected.take() {
-            self.store.inner.unlease(&collected.records);
+            self.store.inner.unlease(&collected);
         }
     }
 }
@@ -693,7 +739,7 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(collected) = self.collected.take() {
-            self.store.inner.unlease(&collected.records);
+            self.store.inner.unlease(&collected);
         }
     }
 }
@@ -719,6 +765,94 @@ impl Inner {
         match &self.commit {
             Some(group) => group.wait(),
             None => Ok(()),
+        }
+    }
+
+    /// A large bulk send: one record holding the text and the recipient set
+    /// (see `bulk.rs`). The users are read into a compact set first (ids are
+    /// checked before anything is written); the record then gets its
+    /// sequence number and becomes visible under the bulk commit lock.
+    fn send_bulk_record(
+        &self,
+        users: impl Iterator<Item = UserId>,
+        text: String,
+        level: Level,
+        mut progress: impl FnMut(Progress),
+    ) -> Result<BulkSend> {
+        let mut set = Recipients::default();
+        let mut read = 0_u64;
+        for user in users {
+            if let UserId::Str(name) = &user {
+                if name.len() > UserId::MAX_STR_BYTES {
+                    return Err(Error::UserIdTooLong {
+                        len: name.len(),
+                        limit: UserId::MAX_STR_BYTES,
+                    });
+                }
+            }
+            set.push(user);
+            read += 1;
+            if read.is_multiple_of(BULK_CHUNK) {
+                progress(Progress {
+                    written: read,
+                    committed: false,
+                });
+            }
+        }
+        set.seal();
+        self.backend.check_space()?;
+        let sent_at_ms = now_ms();
+        let value = record::encode_bulk(level, sent_at_ms, &text, &set);
+        let recipients = set.len();
+        let bulk = {
+            let _commit = self.bulks.commit.lock();
+            let id = self.backend.next_id()?;
+            self.backend.insert_bulk(id, &value)?;
+            // Counted before it becomes visible (the index's invariant).
+            self.count_recipients(&set, true);
+            let bulk = Arc::new(Bulk::new(id, level, sent_at_ms, text, set));
+            self.bulks.push(bulk.clone());
+            bulk
+        };
+        if let Err(error) = self.commit() {
+            // Un-commit, so that an error means "not queued".
+            self.bulks.remove(bulk.id);
+            if self.backend.remove_bulk(bulk.id).is_ok() {
+                self.count_recipients(&bulk.recipients(), false);
+            }
+            return Err(error);
+        }
+        progress(Progress {
+            written: recipients,
+            committed: true,
+        });
+        Ok(BulkSend {
+            id: Some(MessageId(bulk.id)),
+            recipients,
+        })
+    }
+
+    /// Adds (or takes away) one queued message for every user in `set`.
+    fn count_recipients(&self, set: &Recipients, add: bool) {
+        let mut prefix = [0_u8; 9];
+        for id in &set.ints {
+            key::write_int_prefix(&mut prefix, id);
+            let slot = self.index.slot(&prefix);
+            if add {
+                self.index.add(slot, 1);
+            } else {
+                self.index.sub(slot, 1);
+            }
+        }
+        for name in &set.strs {
+            if let Ok(prefix) = key::user_prefix(&UserId::Str(name.clone())) {
+                let slot = self.index.slot(&prefix);
+                if add {
+                    self.index.add(slot, 1);
+                } else {
+                    self.index.sub(slot, 1);
+                }
+            }
         }
     }
 
@@ -773,11 +907,19 @@ impl Inner {
     /// Reads one user's queue. Orphans (records of a bulk send that failed or
     /// was cut off by a crash) are removed; a damaged record is quarantined
     /// and reported as [`Error::Corrupt`].
-    fn collect(&self, prefix: &[u8], slot: usize, skip_leased: bool) -> Result<Collected> {
+    fn collect(
+        &self,
+        user: &UserId,
+        prefix: &[u8],
+        slot: usize,
+        skip_leased: bool,
+    ) -> Result<Collected> {
         let mut collected = Collected::default();
         let mut orphans = Vec::new();
+        let mut taken = Vec::new();
         let mut records = self.backend.scan(prefix)?;
-        if skip_leased && self.leased_count.load(Ordering::Acquire) > 0 {
+        let any_leased = skip_leased && self.leased_count.load(Ordering::Acquire) > 0;
+        if any_leased {
             let leased = self.leased.lock();
             records.retain(|(key, _)| !leased.contains(key));
         }
@@ -803,6 +945,10 @@ impl Inner {
                     sent_at_ms,
                     text,
                 },
+                Ok(Record::Taken) => {
+                    taken.push(seq);
+                    continue;
+                }
                 Ok(Record::Shared) => {
                     // Check in-flight first: a send leaves that set only after
                     // its text is written, so "not in flight, no text" is an orphan.
@@ -841,6 +987,30 @@ impl Inner {
             collected.messages.push(message);
             collected.records.push((key, value));
         }
+        // After the scan, under the user's stripe: a bulk send that
+        // committed before any record the scan saw is in this list.
+        let bulks = self.bulks.snapshot();
+        if !bulks.is_empty() {
+            for bulk in bulks.iter() {
+                if taken.contains(&bulk.id) || !bulk.lists(user) {
+                    continue;
+                }
+                let mark = key::message_key(prefix, bulk.id);
+                if any_leased && self.leased.lock().contains(mark.as_slice()) {
+                    continue;
+                }
+                collected.messages.push(Message {
+                    id: MessageId(bulk.id),
+                    level: bulk.level,
+                    sent_at_ms: bulk.sent_at_ms,
+                    text: bulk.text.clone(),
+                });
+                collected.bulks.push((bulk.clone(), mark));
+            }
+            if !collected.bulks.is_empty() {
+                collected.messages.sort_by_key(|m| m.id);
+            }
+        }
         if !orphans.is_empty() {
             self.backend.remove_messages(&orphans)?;
             self.index
@@ -877,36 +1047,60 @@ impl Inner {
     /// buffer for each): a concurrent drain cannot interleave (the caller
     /// holds the user's lock stripe), and a crash part-way affects only a
     /// drain that was never acknowledged.
-    fn remove(&self, slot: usize, records: &[(Bytes, Bytes)]) -> Result<()> {
-        if records.is_empty() {
+    ///
+    /// A drain that takes bulk messages writes their taken marks and removes
+    /// the records in one sled batch, so a crash keeps all of it or none.
+    fn remove(&self, slot: usize, collected: &Collected) -> Result<()> {
+        if collected.records.is_empty() && collected.bulks.is_empty() {
             return Ok(());
         }
-        let keys: Vec<&[u8]> = records.iter().map(|(key, _)| key.as_ref()).collect();
-        self.backend.remove_messages(&keys)?;
-        self.index
-            .sub(slot, u32::try_from(records.len()).unwrap_or(u32::MAX));
+        let keys: Vec<&[u8]> = collected
+            .records
+            .iter()
+            .map(|(key, _)| key.as_ref())
+            .collect();
+        if collected.bulks.is_empty() {
+            self.backend.remove_messages(&keys)?;
+        } else {
+            let marks: Vec<&[u8]> = collected.bulks.iter().map(|(_, m)| m.as_slice()).collect();
+            self.backend.apply_drain(&marks, &keys)?;
+        }
+        self.index.sub(slot, collected.count());
         Ok(())
     }
 
     /// After a removal: waits for durability (putting the records back if
     /// that fails), then releases shared texts no one needs any more.
-    fn finish_removal(&self, slot: usize, collected: Collected) -> Result<Vec<Message>> {
-        if collected.records.is_empty() {
+    fn finish_removal(
+        &self,
+        user: &UserId,
+        slot: usize,
+        collected: Collected,
+    ) -> Result<Vec<Message>> {
+        if collected.records.is_empty() && collected.bulks.is_empty() {
             return Ok(collected.messages);
         }
         if let Err(error) = self.commit() {
-            self.index.add(
-                slot,
-                u32::try_from(collected.records.len()).unwrap_or(u32::MAX),
-            );
+            self.index.add(slot, collected.count());
             let restored = collected
                 .records
                 .iter()
-                .try_for_each(|(key, value)| self.backend.insert_message(key, value).map(drop));
+                .try_for_each(|(key, value)| self.backend.insert_message(key, value).map(drop))
+                .and_then(|()| {
+                    collected
+                        .bulks
+                        .iter()
+                        .try_for_each(|(_, mark)| self.backend.remove_message(mark))
+                });
             if let Err(restore) = restored {
                 tracing::error!(%restore, "could not put back messages after a failed drain");
             }
             return Err(error);
+        }
+        for (bulk, _) in &collected.bulks {
+            if bulk.mark_taken(user) {
+                self.maintenance.fold(bulk.id);
+            }
         }
         let mut unused = Vec::new();
         {
@@ -931,9 +1125,9 @@ impl Inner {
         Ok(collected.messages)
     }
 
-    fn unlease(&self, records: &[(Bytes, Bytes)]) {
+    fn unlease(&self, collected: &Collected) {
         let mut leased = self.leased.lock();
-        for (key, _) in records {
+        for key in collected.lease_keys() {
             leased.remove(key);
         }
         self.leased_count.store(leased.len(), Ordering::Release);
@@ -956,6 +1150,30 @@ impl Inner {
         let mut records = 0_u64;
         let mut unreadable = 0_u64;
         let mut seen = RecordCounts::default();
+        let mut damaged_bulks = Vec::new();
+        for item in self.backend.all_bulks() {
+            let (key, value) = item?;
+            seen.bulk += 1;
+            let decoded = key::split_text_key(&key)
+                .ok_or_else(|| "the key is not a bulk id".to_owned())
+                .and_then(|id| record::decode_bulk(&value).map(|bulk| (id, bulk)));
+            match decoded {
+                Ok((id, bulk)) => {
+                    // Counted as queued for every listed user; marks found
+                    // below take their user off again.
+                    self.count_recipients(&bulk.recipients, true);
+                    self.bulks.push(Arc::new(Bulk::new(
+                        id,
+                        bulk.level,
+                        bulk.sent_at_ms,
+                        bulk.text,
+                        bulk.recipients,
+                    )));
+                }
+                Err(reason) => damaged_bulks.push((key, value, reason)),
+            }
+        }
+        let mut stale_marks = Vec::new();
         for item in self.backend.all_messages() {
             let (key, value) = item?;
             seen.messages += 1;
@@ -978,6 +1196,24 @@ impl Inner {
                 Ok(Record::Inline { .. }) => {
                     records += 1;
                     self.index.add(slot, 1);
+                }
+                Ok(Record::Taken) => {
+                    let live = self.bulks.get(seq).filter(|bulk| {
+                        key::decode_user(prefix).is_some_and(|user| {
+                            let listed = bulk.lists(&user);
+                            if listed {
+                                bulk.recover_taken(&user);
+                            }
+                            listed
+                        })
+                    });
+                    if live.is_some() {
+                        self.index.sub(slot, 1);
+                    } else {
+                        // Its bulk record is gone or no longer lists the
+                        // user (a fold cut short): not needed any more.
+                        stale_marks.push(key);
+                    }
                 }
                 Ok(Record::Shared) => {
                     let state = match texts.get(&seq) {
@@ -1010,6 +1246,15 @@ impl Inner {
             }
         }
         let rolled_back = orphans;
+        self.backend.remove_messages(&stale_marks)?;
+        for (key, value, reason) in &damaged_bulks {
+            self.backend.quarantine("bulk", key, value, reason)?;
+        }
+        for bulk in self.bulks.snapshot().iter() {
+            if bulk.due() {
+                self.maintenance.fold(bulk.id);
+            }
+        }
         for (key, value, reason) in &damaged {
             self.backend.quarantine("messages", key, value, reason)?;
         }
@@ -1041,22 +1286,28 @@ impl Inner {
         // crash and silently drops it and everything after it. Only a count
         // kept outside sled shows that: compare with the last clean close.
         if let Some(closed) = self.backend.read_clean_mark()? {
-            if seen.messages < closed.messages || seen.texts < closed.texts {
+            if seen.messages < closed.messages
+                || seen.texts < closed.texts
+                || seen.bulk < closed.bulk
+            {
                 return Err(Error::DataLoss {
                     path: self.backend.path().to_path_buf(),
-                    expected: closed.messages + closed.texts,
-                    found: seen.messages + seen.texts,
+                    expected: closed.messages + closed.texts + closed.bulk,
+                    found: seen.messages + seen.texts + seen.bulk,
                     mark: self.backend.clean_mark_path(),
                 });
             }
             self.backend.remove_clean_mark()?;
         }
         *self.refs.lock() = refs;
-        if rolled_back + damaged.len() as u64 + unused_texts + unreadable > 0 {
+        if rolled_back + damaged.len() as u64 + unused_texts + unreadable > 0
+            || !damaged_bulks.is_empty()
+        {
             tracing::warn!(
                 path = %self.backend.path().display(),
                 rolled_back,
                 quarantined = damaged.len(),
+                quarantined_bulk_sends = damaged_bulks.len(),
                 unreadable,
                 unused_texts,
                 "recovered the message store; unreadable records are reported and quarantined when their user is read"
