@@ -239,12 +239,12 @@ impl BulkList {
 }
 
 /// The store's background thread: folds bulk records (see the module docs).
-/// Stopped and joined when the store closes; a fold cut short leaves only
-/// marks that are no longer needed, which the next open removes.
+/// Closing the store finishes the folds already asked for, so that the space
+/// they free is free when the store is closed. A fold cut short by a crash
+/// leaves only marks that are no longer needed, which the next open removes.
 pub(crate) struct Maintenance {
     sender: Mutex<Option<std::sync::mpsc::Sender<u64>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Maintenance {
@@ -256,8 +256,6 @@ impl std::fmt::Debug for Maintenance {
 impl Maintenance {
     pub(crate) fn start(backend: Backend, bulks: Arc<BulkList>) -> Result<Maintenance> {
         let (sender, receiver) = std::sync::mpsc::channel::<u64>();
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stopping = stop.clone();
         let path = backend.path().to_path_buf();
         let thread = std::thread::Builder::new()
             .name("async-messages-maintenance".into())
@@ -268,10 +266,10 @@ impl Maintenance {
                     due.sort_unstable();
                     due.dedup();
                     for id in due {
-                        if stopping.load(Ordering::Acquire) {
+                        if backend.is_poisoned() {
                             return;
                         }
-                        if let Err(error) = fold(&backend, &bulks, id, &stopping) {
+                        if let Err(error) = fold(&backend, &bulks, id) {
                             tracing::warn!(%error, id, "could not fold a bulk record; it is retried later");
                         }
                     }
@@ -281,7 +279,6 @@ impl Maintenance {
         Ok(Maintenance {
             sender: Mutex::new(Some(sender)),
             thread: Mutex::new(Some(thread)),
-            stop,
         })
     }
 
@@ -293,9 +290,8 @@ impl Maintenance {
         }
     }
 
-    /// Stops the thread and waits for it (at most one chunk of work).
+    /// Finishes the folds asked for, then stops the thread.
     pub(crate) fn stop(&self) {
-        self.stop.store(true, Ordering::Release);
         self.sender.lock().take();
         if let Some(thread) = self.thread.lock().take() {
             let _ = thread.join();
@@ -305,12 +301,7 @@ impl Maintenance {
 
 /// Rewrites bulk record `id` without the users who have taken it (or
 /// removes it once all have), then removes their marks.
-fn fold(
-    backend: &Backend,
-    bulks: &BulkList,
-    id: u64,
-    stop: &std::sync::atomic::AtomicBool,
-) -> Result<()> {
+fn fold(backend: &Backend, bulks: &BulkList, id: u64) -> Result<()> {
     let Some(bulk) = bulks.get(id) else {
         return Ok(());
     };
@@ -336,9 +327,6 @@ fn fold(
         return Err(error);
     }
     for user in marked.users() {
-        if stop.load(Ordering::Acquire) {
-            break;
-        }
         let prefix = crate::key::user_prefix(&user)?;
         backend.remove_message(&crate::key::message_key(&prefix, id))?;
     }
