@@ -16,11 +16,25 @@
 //! increasing, never reused, also across restarts.
 //!
 //! **Records.** Every value starts with a format version byte (now `1`),
-//! then a bincode body: level, send time and text. A message sent to many
-//! users is stored once in the `texts` tree under its sequence number; each
-//! recipient's record is then two bytes. A bulk send writes its recipients
-//! one insert at a time (sled 0.34 writes out its log buffer for every
-//! `Batch`, which was 3× slower and used gigabytes of memory) and commits by
+//! then a bincode body: level, send time and text.
+//!
+//! **Bulk sends** are stored once. A send to more than 256 users writes one
+//! record in the `bulk` tree: level, send time, text and the recipient set
+//! (integer ids as a [roaring](https://roaringbitmap.org) bitmap, string ids
+//! sorted), so its cost is the size of that set, not a write per recipient.
+//! It takes its sequence number when it commits, under one lock, and is
+//! delivered by membership (fan-out on read): a drain merges it with the
+//! user's own records by sequence number and writes a two-byte *taken mark*
+//! under `user ‖ bulk id`, in the same sled batch that removes the user's
+//! drained records. Marks do not pile up: once many recipients have taken a
+//! record, a background thread rewrites it without them and then removes
+//! their marks; once all have, the record goes too. The live records'
+//! recipient sets are kept in memory (about 2 bytes per integer recipient,
+//! less for runs of ids).
+//!
+//! A send to at most 256 users stores its text once in the `texts` tree;
+//! each recipient's record is then two bytes, written one insert at a time
+//! (sled 0.34 writes out its log buffer for every `Batch`), committed by
 //! writing the text last: until then its records are invisible, and after a
 //! crash or a failure they are rolled back.
 //! The database's own format version is kept in the `meta` tree; a newer one
@@ -37,7 +51,9 @@
 //!
 //! **The empty queue** (most requests) is answered from memory: a fixed table
 //! of counters indexed by a hash of the user, each an upper bound of that
-//! slot's queued records, rebuilt at open. Its size does not grow with users.
+//! slot's queued messages (a bulk send adds one to each recipient's slot, a
+//! drain takes it off), rebuilt at open. Its size does not grow with users or
+//! recipients.
 //!
 //! **When data reaches disk.** [`Durability::Immediate`] (the default): a send
 //! or a drain returns after sled's flush and an `fdatasync` of its log file
