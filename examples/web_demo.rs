@@ -9,8 +9,9 @@
 //!
 //! Environment: `ASYNC_MESSAGES_ADDR` (default `127.0.0.1:3000`),
 //! `ASYNC_MESSAGES_PATH` (the store's directory; default a directory in the
-//! system's temp dir), `ASYNC_MESSAGES_MODE=at-least-once` (leased delivery:
-//! the messages shown by the failing page `/broken` come back).
+//! system's temp dir), `ASYNC_MESSAGES_MODE`: `at-most-once` (the default: the
+//! messages taken by the failing page `/broken` are lost) or `at-least-once`
+//! (leased delivery: they come back on the next page).
 //!
 //! Sessions are a demo: an in-memory map from a random cookie value to a user
 //! name, forgotten on restart (the queued messages are not). Use a real
@@ -95,9 +96,9 @@ struct AppState {
 }
 
 /// The demo app with the library's default delivery mode
-/// ([`DeliveryMode::ExactlyOnce`]).
+/// ([`DeliveryMode::AtMostOnce`]).
 pub fn app(store: MessageStore) -> Router {
-    app_with_mode(store, DeliveryMode::ExactlyOnce)
+    app_with_mode(store, DeliveryMode::AtMostOnce)
 }
 
 /// The demo app, delivering messages in `mode`.
@@ -132,7 +133,7 @@ async fn index(
 
 /// A page that fails after taking the messages. With
 /// `DeliveryMode::AtLeastOnce` they are shown again on the next page; with
-/// `ExactlyOnce` they are gone.
+/// `AtMostOnce` (the default) they are lost.
 async fn broken(messages: Messages) -> Response {
     let body = format!(
         "<!doctype html><title>Error</title><p>This page failed to render; \
@@ -320,7 +321,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         || std::env::temp_dir().join("async-messages-web-demo"),
         Into::into,
     );
-    let at_least_once = std::env::var("ASYNC_MESSAGES_MODE").is_ok_and(|m| m == "at-least-once");
+    let mode = match std::env::var("ASYNC_MESSAGES_MODE").as_deref() {
+        Err(std::env::VarError::NotPresent) | Ok("at-most-once") => DeliveryMode::AtMostOnce,
+        Ok("at-least-once") => DeliveryMode::AtLeastOnce,
+        other => {
+            return Err(format!(
+                "ASYNC_MESSAGES_MODE must be at-most-once (the default) or at-least-once, not {other:?}"
+            )
+            .into());
+        }
+    };
     // The demo offers the debug level too, so store it.
     let store = tokio::task::spawn_blocking(move || {
         MessageStore::builder()
@@ -335,11 +345,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         listener.local_addr()?,
         store.path().display()
     );
-    let app = if at_least_once {
-        app_with_mode(store, DeliveryMode::AtLeastOnce)
-    } else {
-        app(store)
-    };
-    axum::serve(listener, app).await?;
+    axum::serve(listener, app_with_mode(store, mode)).await?;
     Ok(())
 }

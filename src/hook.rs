@@ -124,17 +124,21 @@ impl DrainPolicy {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum DeliveryMode {
-    /// Messages are removed when the request takes them
-    /// ([`MessageStore::get_messages`]): never shown twice, but lost if the
-    /// page then fails to render. The default.
+    /// The page gets each message at most once: messages are removed when
+    /// the request takes them ([`MessageStore::get_messages`]), before the
+    /// page renders, so they are never shown twice but are lost if the
+    /// handler then fails (or the process dies before the response). The
+    /// default. (The store's drain itself is exactly once: each message is
+    /// returned by one `get_messages` call.)
     #[default]
-    ExactlyOnce,
-    /// Messages are leased ([`MessageStore::lease_messages`]) and removed
-    /// only when the response succeeds (2xx or 3xx, via
-    /// [`Delivery::finish`]); if the handler fails, or the process dies
-    /// first, they come back on the next request. A message can then be
-    /// shown twice (the page rendered, but the response was reported as a
-    /// failure), never lost.
+    AtMostOnce,
+    /// The page gets each message at least once: messages are leased
+    /// ([`MessageStore::lease_messages`]) and removed only when the response
+    /// succeeds (2xx or 3xx, via [`Delivery::finish`]); if the handler
+    /// fails, or the process dies first, they come back on the next
+    /// request. A message can then be shown twice (the page rendered, but
+    /// the response was reported as a failure), but a failing handler does
+    /// not lose it.
     AtLeastOnce,
 }
 
@@ -177,7 +181,7 @@ pub struct RequestHook {
 
 impl RequestHook {
     /// A hook with the default policy ([`DrainPolicy::PageNavigations`]) and
-    /// mode ([`DeliveryMode::ExactlyOnce`]).
+    /// mode ([`DeliveryMode::AtMostOnce`]).
     #[must_use]
     pub fn new(store: MessageStore) -> Self {
         RequestHook {
@@ -194,7 +198,7 @@ impl RequestHook {
         self
     }
 
-    /// How messages are taken. Default: [`DeliveryMode::ExactlyOnce`].
+    /// How messages are taken. Default: [`DeliveryMode::AtMostOnce`].
     #[must_use]
     pub fn mode(mut self, mode: DeliveryMode) -> Self {
         self.mode = mode;
@@ -228,7 +232,7 @@ impl RequestHook {
             return Delivery::empty();
         }
         let taken = match self.mode {
-            DeliveryMode::ExactlyOnce => self.store.get_messages(&user).map(Delivery::removed),
+            DeliveryMode::AtMostOnce => self.store.get_messages(&user).map(Delivery::removed),
             DeliveryMode::AtLeastOnce => self.store.lease_messages(&user).map(Delivery::leased),
         };
         taken.unwrap_or_else(|error| {

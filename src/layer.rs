@@ -88,7 +88,7 @@ impl MessagesLayer {
         self
     }
 
-    /// How messages are taken. Default: [`DeliveryMode::ExactlyOnce`]. With
+    /// How messages are taken. Default: [`DeliveryMode::AtMostOnce`]. With
     /// [`DeliveryMode::AtLeastOnce`] they are removed only if the handler's
     /// response is a 2xx or 3xx. The removal happens when the handler
     /// returns its response, before the body reaches the client: a

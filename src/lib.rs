@@ -40,14 +40,19 @@
 //! The database's own format version is kept in the `meta` tree; a newer one
 //! is refused with [`Error::UnsupportedFormat`].
 //!
-//! **Exactly once, in order.** A drain holds a lock stripe for its user
+//! **An exactly-once drain, in order.** A drain holds a lock stripe for its user
 //! while it scans and removes the records it read, so no other drain can see
 //! them. An insert holds the same stripe for the moment of the insert (not
 //! while waiting for the disk): sled's iterators are not snapshots, and a
 //! scan running beside inserts could see a sender's second message without
 //! its first. A crash in the middle of a drain (before it returned)
 //! can remove some of its messages and leave the later ones queued; a drain
-//! that returned is durable (with [`Durability::Immediate`]).
+//! that returned is durable (with [`Durability::Immediate`]). This is the
+//! store's drain; what a page gets depends on the [`DeliveryMode`]: at most
+//! once by default, or at least once with a lease
+//! ([`MessageStore::lease_messages`]). A lease only hides its messages, in
+//! memory: a commit removes them, and a release, a drop or a crash puts them
+//! back.
 //!
 //! **The empty queue** (most requests) is answered from memory: a fixed table
 //! of counters indexed by a hash of the user, each an upper bound of that
@@ -57,9 +62,13 @@
 //!
 //! **When data reaches disk.** [`Durability::Immediate`] (the default): a send
 //! or a drain returns after sled's flush and an `fdatasync` of its log file
-//! (sled alone uses `sync_file_range`, which does not survive a power loss),
-//! shared by all concurrent callers (group commit on a dedicated thread). A crash — kill -9 or power loss — loses
-//! nothing acknowledged, and no acknowledged drain comes back. Writes not yet
+//! (sled alone uses `sync_file_range`, which does not survive a power loss).
+//! Concurrent callers share that flush (group commit, leader/follower on the
+//! callers' own threads, no commit thread): the first caller to wait flushes
+//! for every write made before the flush started, and the callers that
+//! arrive meanwhile wait for it, then one of them leads the next flush. A
+//! crash — kill -9 or power loss — loses nothing acknowledged, and no
+//! acknowledged drain comes back. Writes not yet
 //! acknowledged when the crash hits may or may not survive; a bulk send
 //! survives whole or not at all. [`Durability::Periodic`]: sled writes in the
 //! background every interval; kill -9 can lose sends acknowledged within the
@@ -76,7 +85,10 @@
 //! **What is kept.** Queued messages until drained; shared texts until their
 //! last recipient has drained; damaged records in the `quarantine` tree (see
 //! [`MessageStore::quarantined`]). Drained messages are removed, and sled
-//! reclaims their space as it rewrites its segments.
+//! reclaims their space as it rewrites its segments. At each clean close
+//! the store writes its record counts to `async-messages.clean` beside
+//! sled's files; `open` refuses with [`Error::DataLoss`] when fewer records
+//! come back (sled silently drops a damaged stretch of its log).
 //!
 //! **One process.** sled locks the directory; a second open, in this process
 //! or another, gets [`Error::AlreadyOpen`]. Reopening right after the last

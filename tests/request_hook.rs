@@ -61,7 +61,7 @@ fn only_pages_of_known_users_take_messages() -> Result<()> {
 }
 
 #[test]
-fn exactly_once_removes_even_if_the_page_fails() -> Result<()> {
+fn at_most_once_removes_even_if_the_page_fails() -> Result<()> {
     let dir = TestDir::new();
     let store = dir.open()?;
     let hook = RequestHook::new(store.clone());
