@@ -563,38 +563,63 @@ fn damaged_files_long() -> Result<()> {
 /// drops it and everything after it. The store counts its records at each
 /// clean close (outside sled) and refuses to open with `Error::DataLoss`
 /// when fewer come back, instead of serving a store with messages missing.
+///
+/// The damage hits live records, every run: the test looks up where sled
+/// wrote the text of the first message sent, of a bulk send's shared text
+/// and of the last message sent (the last copy of each in the log is its
+/// current version) and flips a bit inside that text, one case each. The control: the same damaged copy, with the clean-close mark
+/// deleted, opens without any error and serves fewer messages than were
+/// sent, so the damage did take live records and only the mark shows it.
 #[test]
 fn a_damaged_log_is_reported_not_silently_dropped() -> Result<()> {
-    let dir = TestDir::new();
-    let expected = build_store(&dir)?;
-    let db = dir.store_path().join("db");
-    let mut bytes = std::fs::read(&db).expect("read db");
-    // One flipped bit in the middle of the log.
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0x10;
-    std::fs::write(&db, bytes).expect("write db");
-    let store = match dir.open() {
-        Ok(store) => store,
-        // The count kept at the clean close shows what sled skipped.
-        Err(Error::DataLoss {
-            expected, found, ..
-        }) => {
-            assert!(found < expected, "{found} of {expected}");
-            return Ok(());
-        }
-        Err(other) => panic!("expected DataLoss or a complete store, got {other:?}"),
-    };
-    let mut read = 0;
-    for u in 0..USERS {
-        match store.get_messages(user(u)) {
-            Ok(messages) => read += messages.len(),
-            Err(_) => return Ok(()), // reported: fine
-        }
-    }
+    let pristine = TestDir::new();
+    let expected = build_store(&pristine)?;
     let total: usize = expected.values().map(Vec::len).sum();
-    assert_eq!(
-        read, total,
-        "the store opened and read without any error, but messages are missing"
-    );
+    let log = std::fs::read(pristine.store_path().join("db")).expect("read db");
+    let first = "user 0, message 0";
+    let shared = "bulk 0";
+    let last = format!("user {}, message 2", USERS - 1);
+    for text in [first, shared, last.as_str()] {
+        assert!(
+            expected.values().flatten().any(|t| t == text),
+            "{text:?} was sent"
+        );
+        let at = log
+            .windows(text.len())
+            .rposition(|window| window == text.as_bytes())
+            .unwrap_or_else(|| panic!("{text:?} is not in sled's log"));
+        let dir = TestDir::new();
+        copy_dir(&pristine.store_path(), &dir.store_path());
+        let mut bytes = log.clone();
+        bytes[at + text.len() / 2] ^= 0x10;
+        std::fs::write(dir.store_path().join("db"), bytes).expect("write db");
+        let context = format!("a bit flipped in {text:?} at byte {at} of {}", log.len());
+
+        // A copy of the damaged files for the control, before the open below
+        // lets sled rewrite the damaged tail.
+        let control = TestDir::new();
+        copy_dir(&dir.store_path(), &control.store_path());
+
+        match dir.open() {
+            Err(Error::DataLoss {
+                expected, found, ..
+            }) => assert!(found < expected, "{context}: {found} of {expected}"),
+            other => panic!("{context}: expected Error::DataLoss, got {other:?}"),
+        }
+
+        // The control: without the mark the loss goes unnoticed.
+        std::fs::remove_file(control.store_path().join("async-messages.clean"))
+            .expect("remove the clean-close mark");
+        let store = control.open()?;
+        let mut read = 0;
+        for u in 0..USERS {
+            read += store.get_messages(user(u))?.len();
+        }
+        assert!(
+            read < total,
+            "{context}: without the mark the store should have lost messages silently, but all {total} are there"
+        );
+        println!("{context}: Error::DataLoss; without the mark {read} of {total} messages, no error");
+    }
     Ok(())
 }
