@@ -4,13 +4,25 @@
 //! checks the promises of the crate docs' "When data reaches disk":
 //!
 //! - every acknowledged send is still queued or was delivered by an
-//!   acknowledged drain (or, only for a user whose drain was cut off by the
-//!   kill, was taken by that drain);
+//!   acknowledged drain, or was taken by a drain the kill cut off, and then
+//!   only as that drain can take it: the drain reads the user's whole queue
+//!   at once (inserts hold the same lock stripe) and removes in id order,
+//!   and sled keeps a prefix of its log, so a message may vanish only if no
+//!   message with a smaller id that the drain must have read is still
+//!   queued (one queued before the cycle, acknowledged before the drain
+//!   started, or acknowledged before the vanished one was sent), and a
+//!   lease's commit takes nothing sent after the lease was taken;
 //! - nothing is delivered twice and an acknowledged drain never comes back;
 //! - each user's messages keep each sender's order;
-//! - a bulk send is there for all its recipients or for none;
+//! - a bulk send is there for all its recipients or for none (but for what
+//!   a cut-off drain may take, by the rule above);
 //! - message ids are never reused across restarts;
 //! - nothing appears that was never sent.
+//!
+//! Each of these checks has a control below (`the_check_catches_*`,
+//! `the_check_allows_only_what_a_cut_off_drain_can_remove`): the check run
+//! on made-up histories that break it. Drains that return nothing are not
+//! counted as acknowledged drains in the figures.
 //!
 //! The child is this test binary re-invoked with `--exact crash_child
 //! --ignored` and the store's path in an environment variable. It prints an
@@ -239,8 +251,23 @@ fn parse_text(text: &str) -> Option<Key> {
 struct Intent {
     users: Vec<usize>,
     bulk: bool,
-    /// The acknowledged id, if the send returned before the kill.
+    /// Where the intent line is in the output.
+    line: usize,
+    /// The acknowledged id and where the acknowledgement is, if the send
+    /// returned before the kill.
     acked: Option<u64>,
+    ack_line: Option<usize>,
+}
+
+/// A drain (or a lease's commit) that the kill cut off: it may have removed
+/// a prefix, in key order, of the records it read, and nothing else.
+#[derive(Debug, Clone, Copy)]
+struct CutDrain {
+    /// The line printed before the call: the drain read the queue after it.
+    started: usize,
+    /// For a lease's commit, the `committing` line: the lease read the queue
+    /// before it, so nothing sent after it can be among what it removes.
+    read_before: Option<usize>,
 }
 
 /// One cycle's output, parsed.
@@ -251,13 +278,13 @@ struct Output {
     /// Acknowledged drains per user, in order: (id, message) pairs.
     drains: HashMap<usize, Vec<Vec<(u64, Key)>>>,
     /// Users whose drain was cut off: it may or may not have happened.
-    pending: HashSet<usize>,
+    pending: HashMap<usize, CutDrain>,
 }
 
 fn parse_output(cycle: u64, lines: &[String]) -> std::result::Result<Output, String> {
     let mut out = Output::default();
-    let mut draining: HashMap<usize, bool> = HashMap::new();
-    for line in lines {
+    let mut leases: HashMap<usize, usize> = HashMap::new();
+    for (at, line) in lines.iter().enumerate() {
         let words: Vec<&str> = line.split(' ').collect();
         let num = |i: usize| -> std::result::Result<u64, String> {
             words
@@ -284,7 +311,9 @@ fn parse_output(cycle: u64, lines: &[String]) -> std::result::Result<Output, Str
                     Intent {
                         users,
                         bulk: words[0] == "bulk",
+                        line: at,
                         acked: None,
+                        ack_line: None,
                     },
                 );
             }
@@ -295,14 +324,37 @@ fn parse_output(cycle: u64, lines: &[String]) -> std::result::Result<Output, Str
                     .get_mut(&key)
                     .ok_or_else(|| format!("ack without intent: {line:?}"))?;
                 intent.acked = Some(num(3)?);
+                intent.ack_line = Some(at);
             }
             // Leasing and releasing remove nothing; a commit removes.
-            "draining" | "committing" => {
-                draining.insert(num(2)? as usize, true);
+            "draining" => {
+                let cut = CutDrain {
+                    started: at,
+                    read_before: None,
+                };
+                out.pending.insert(num(2)? as usize, cut);
+            }
+            "leasing" => {
+                leases.insert(num(2)? as usize, at);
+            }
+            "released" => {
+                leases.remove(&(num(2)? as usize));
+            }
+            "committing" => {
+                let from = num(2)? as usize;
+                let started = *leases
+                    .get(&from)
+                    .ok_or_else(|| format!("commit without a lease: {line:?}"))?;
+                let cut = CutDrain {
+                    started,
+                    read_before: Some(at),
+                };
+                out.pending.insert(from, cut);
             }
             "drained" => {
                 let from = num(2)? as usize;
-                draining.insert(from, false);
+                out.pending.remove(&from);
+                leases.remove(&from);
                 let mut got = Vec::new();
                 for word in &words[3..] {
                     let (id, text) = word.split_once(':').ok_or("bad drained word")?;
@@ -316,10 +368,6 @@ fn parse_output(cycle: u64, lines: &[String]) -> std::result::Result<Output, Str
             _ => {} // the test harness's own lines
         }
     }
-    out.pending = draining
-        .into_iter()
-        .filter_map(|(u, pending)| pending.then_some(u))
-        .collect();
     Ok(out)
 }
 
@@ -336,6 +384,7 @@ struct World {
     max_id_before: Option<u64>,
     // Figures.
     acked_sends: u64,
+    /// Acknowledged drains that returned messages (empty ones prove nothing).
     acked_drains: u64,
     vanished_in_cut_drains: u64,
     unacked_sends_survived: u64,
@@ -343,12 +392,63 @@ struct World {
     killed_before_ready: u64,
 }
 
-/// `a` was inserted before `b` started: `b` cannot be seen without `a`.
-fn inserted_before(a: Key, b: Key) -> bool {
-    a.0 < b.0 || (a.0 == b.0 && a.1 == b.1 && a.2 < b.2)
-}
-
 impl World {
+    fn new() -> World {
+        World {
+            queues: vec![Vec::new(); USERS],
+            ..World::default()
+        }
+    }
+
+    /// Why message `b` (id `id_b`) cannot have vanished from user `u`'s
+    /// queue, now `queue`; `None` if it may have.
+    ///
+    /// Only a drain cut off by the kill removes without acknowledging, and
+    /// only what it read: a drain reads the whole queue at once (inserts
+    /// take the same lock stripe) and removes in key (= id) order, and
+    /// sled's recovery keeps a prefix of its log, so what vanishes is the
+    /// read queue's lowest ids. So `b` may vanish only if the user has a cut
+    /// drain, a lease's commit only if `b` was sent before it, and no
+    /// message with a smaller id that the drain must have read is still
+    /// queued: one queued before the cycle, acknowledged before the drain
+    /// started, or acknowledged before `b` was sent (if the drain read `b`
+    /// it read that one too).
+    fn cannot_vanish(
+        &self,
+        out: &Output,
+        u: usize,
+        queue: &[(u64, Key)],
+        id_b: u64,
+        b: Key,
+    ) -> Option<String> {
+        let Some(cut) = out.pending.get(&u) else {
+            return Some("no drain of this user was cut off".to_owned());
+        };
+        let intent_b = out.intents.get(&b);
+        if let (Some(read_before), Some(intent)) = (cut.read_before, intent_b)
+            && intent.line > read_before
+        {
+            return Some(format!(
+                "the cut-off commit's lease read the queue (before line {read_before}) before it was sent (line {})",
+                intent.line
+            ));
+        }
+        for (id_a, a) in queue.iter().filter(|(id_a, _)| *id_a < id_b) {
+            let queued_before = self.queues[u].iter().any(|(_, k)| k == a);
+            let ack_a = out.intents.get(a).and_then(|i| i.ack_line);
+            let acked_before_drain = ack_a.is_some_and(|line| line < cut.started);
+            let acked_before_b = ack_a
+                .zip(intent_b)
+                .is_some_and(|(line, intent)| line < intent.line);
+            if queued_before || acked_before_drain || acked_before_b {
+                return Some(format!(
+                    "{a:?} (id {id_a}), which the cut-off drain read and had to remove first, is still queued"
+                ));
+            }
+        }
+        None
+    }
+
     fn check(
         &mut self,
         cycle: u64,
@@ -360,6 +460,7 @@ impl World {
         }
         let mut max_id = self.max_id_before;
         let mut seen_anywhere: HashMap<Key, HashSet<usize>> = HashMap::new();
+        let mut ids: HashMap<Key, u64> = HashMap::new();
         for (u, queue) in found.iter().enumerate() {
             let drained: Vec<(u64, Key)> = out
                 .drains
@@ -404,6 +505,7 @@ impl World {
                 }
                 max_id = max_id.max(Some(*id));
                 seen_anywhere.entry(*key).or_default().insert(u);
+                ids.insert(*key, *id);
             }
             // Order: earlier cycles first, each sender's messages in send order.
             let mut last: HashMap<(u64, u64), u64> = HashMap::new();
@@ -428,57 +530,62 @@ impl World {
                 return Err(ctx(format!("the queue is not in id order: {queue:?}")));
             }
             // Everything expected is there, unless a cut-off drain took it.
-            let expected = self.queues[u].iter().map(|(_, key)| *key).chain(
+            let expected = self.queues[u].iter().copied().chain(
                 out.intents
                     .iter()
-                    .filter(|(_, i)| i.acked.is_some() && i.users.contains(&u))
-                    .map(|(key, _)| *key),
+                    .filter(|(_, i)| i.users.contains(&u))
+                    .filter_map(|(key, i)| Some((i.acked?, *key))),
             );
-            for missing in expected.filter(|key| !here.contains(key)) {
-                if !out.pending.contains(&u) {
+            for (id, missing) in expected.filter(|(_, key)| !here.contains(key)) {
+                if let Some(why) = self.cannot_vanish(out, u, queue, id, missing) {
                     return Err(ctx(format!(
-                        "acknowledged message {missing:?} is lost (no drain of this user was cut off)"
-                    )));
-                }
-                if let Some((_, later)) = queue.iter().find(|(_, f)| inserted_before(*f, missing)) {
-                    return Err(ctx(format!(
-                        "{missing:?} vanished in a cut-off drain, but {later:?}, sent before it, is still queued"
+                        "acknowledged message {missing:?} (id {id}) is lost: {why}"
                     )));
                 }
                 self.vanished_in_cut_drains += 1;
             }
-            for (_, key) in &drained {
+        }
+        for (u, queue) in found.iter().enumerate() {
+            for (_, key) in out.drains.get(&u).into_iter().flatten().flatten() {
                 self.delivered.insert((*key, u));
             }
+            // Bulk sends: all recipients or none, except what a cut-off
+            // drain may have taken (by the same rule as above).
+            for (key, intent) in &out.intents {
+                let Some(reached) = seen_anywhere.get(key) else {
+                    continue;
+                };
+                if !intent.bulk || !intent.users.contains(&u) || reached.contains(&u) {
+                    continue;
+                }
+                if let Some(why) = self.cannot_vanish(out, u, queue, ids[key], *key) {
+                    return Err(format!(
+                        "cycle {cycle}: bulk send {key:?} to {:?} reached {reached:?} but not user {u}: {why}",
+                        intent.users,
+                    ));
+                }
+            }
         }
-        // Bulk sends: all recipients or none (except users whose drain was cut off).
+        for intent in out.intents.values() {
+            if intent.acked.is_some() {
+                self.acked_sends += 1;
+            }
+        }
         for (key, intent) in &out.intents {
-            let got = seen_anywhere.get(key).map_or(0, HashSet::len);
             if intent.acked.is_none() {
-                if got > 0 {
+                if seen_anywhere.contains_key(key) {
                     self.unacked_sends_survived += 1;
                 } else {
                     self.unacked_sends_lost += 1;
                 }
-            } else {
-                self.acked_sends += 1;
-            }
-            if intent.bulk && got > 0 {
-                for u in &intent.users {
-                    let has = seen_anywhere
-                        .get(key)
-                        .is_some_and(|users| users.contains(u));
-                    if !has && !out.pending.contains(u) {
-                        return Err(format!(
-                            "cycle {cycle}: bulk send {key:?} to {:?} reached {:?} but not user {u}",
-                            intent.users,
-                            seen_anywhere.get(key)
-                        ));
-                    }
-                }
             }
         }
-        self.acked_drains += out.drains.values().map(|d| d.len() as u64).sum::<u64>();
+        self.acked_drains += out
+            .drains
+            .values()
+            .flatten()
+            .filter(|drain| !drain.is_empty())
+            .count() as u64;
         self.queues = found.to_vec();
         self.max_id_before = max_id;
         Ok(())
@@ -524,10 +631,7 @@ fn crash_loop(cycles: u64, lax: bool) -> Result<std::result::Result<(), String>>
     let mut rng = Rng::new(seed);
     let dir = TestDir::new();
     let path = dir.store_path();
-    let mut world = World {
-        queues: vec![Vec::new(); USERS],
-        ..World::default()
-    };
+    let mut world = World::new();
     let started = Instant::now();
     // How long the child took to open the store, for kills during start-up.
     let mut ready_ms = 50;
@@ -684,4 +788,204 @@ fn the_check_catches_lost_acknowledged_writes() -> Result<()> {
         "{problem}"
     );
     Ok(())
+}
+
+// ------------------------------------------------------------ the controls
+
+/// Runs the parent's check over made-up cycles: each is the child's output
+/// and what the reopened store holds (user, then (id, text) in queue
+/// order). Returns the world, or the first broken promise.
+fn check_cycles(
+    cycles: &[(&str, &[(usize, &[(u64, &str)])])],
+) -> std::result::Result<World, String> {
+    let mut world = World::new();
+    for (cycle, (output, queues)) in cycles.iter().enumerate() {
+        let lines: Vec<String> = output.lines().map(|l| l.trim().to_owned()).collect();
+        let out = parse_output(cycle as u64, &lines)?;
+        let mut found = vec![Vec::new(); USERS];
+        for (u, queue) in *queues {
+            found[*u] = queue
+                .iter()
+                .map(|(id, text)| (*id, parse_text(text).expect("a test text")))
+                .collect();
+        }
+        world.check(cycle as u64, &out, &found)?;
+    }
+    Ok(world)
+}
+
+/// Cycle 0 of the controls: users 0 and 3 get messages; thread 0 drains
+/// user 3, thread 1 drains user 1 and finds nothing.
+const CYCLE_0: &str = "
+    ready
+    send 0 1 0
+    sent 0 1 10
+    send 1 1 0
+    sent 1 1 11
+    bulk 0 2 0,3
+    bulked 0 2 12
+    send 0 3 3
+    sent 0 3 13
+    draining 0 3
+    drained 0 3 12:c0.t0.s2 13:c0.t0.s3
+    draining 1 1
+    drained 1 1";
+const QUEUE_0: &[(u64, &str)] = &[(10, "c0.t0.s1"), (11, "c0.t1.s1"), (12, "c0.t0.s2")];
+
+/// Asserts that the check finds `problem` in these cycles.
+fn assert_caught(cycles: &[(&str, &[(usize, &[(u64, &str)])])], problem: &str) {
+    match check_cycles(cycles) {
+        Ok(_) => panic!("the check missed a broken promise ({problem})"),
+        Err(found) => assert!(
+            found.contains(problem),
+            "expected {problem:?}, got {found:?}"
+        ),
+    }
+}
+
+#[test]
+fn the_check_passes_a_correct_history_and_counts_only_non_empty_drains() {
+    let world = check_cycles(&[(CYCLE_0, &[(0, QUEUE_0)])]).expect("a correct history");
+    assert_eq!(world.acked_sends, 4);
+    assert_eq!(
+        world.acked_drains, 1,
+        "the empty drain of user 1 does not count"
+    );
+}
+
+#[test]
+fn the_check_catches_broken_order() {
+    let swapped: &[(u64, &str)] = &[(12, "c0.t0.s2"), (10, "c0.t0.s1"), (11, "c0.t1.s1")];
+    assert_caught(
+        &[(CYCLE_0, &[(0, swapped)])],
+        "was sent before s2 but comes after it",
+    );
+    // Ids out of order, each sender in order (sends not acknowledged).
+    let ids: &[(u64, &str)] = &[(11, "c0.t0.s1"), (10, "c0.t1.s1")];
+    assert_caught(
+        &[("ready\nsend 0 1 0\nsend 1 1 0", &[(0, ids)])],
+        "not in id order",
+    );
+    // A message of cycle 1 before one of cycle 0.
+    let cycle_1 = "ready\nsend 0 1 0\nsent 0 1 20";
+    let mixed: &[(u64, &str)] = &[
+        (20, "c1.t0.s1"),
+        (10, "c0.t0.s1"),
+        (11, "c0.t1.s1"),
+        (12, "c0.t0.s2"),
+    ];
+    assert_caught(
+        &[(CYCLE_0, &[(0, QUEUE_0)]), (cycle_1, &[(0, mixed)])],
+        "of an earlier run comes after",
+    );
+}
+
+#[test]
+fn the_check_catches_a_bulk_send_that_reached_only_some_users() {
+    // Not acknowledged, so it may be gone, but for everyone or no one.
+    let unacked = "ready\nbulk 0 1 0,5";
+    assert_caught(
+        &[(unacked, &[(0, &[(10, "c0.t0.s1")])])],
+        "reached {0} but not user 5: no drain of this user was cut off",
+    );
+    // Also when user 5's drain was cut off, if user 5 still has a message
+    // acknowledged before that drain with a smaller id.
+    let cut = "ready\nsend 1 1 5\nsent 1 1 9\nbulk 0 1 0,5\ndraining 2 5";
+    assert_caught(
+        &[(cut, &[(0, &[(10, "c0.t0.s1")]), (5, &[(9, "c0.t1.s1")])])],
+        "had to remove first, is still queued",
+    );
+    // Without that message, the cut-off drain may have taken it.
+    let cut = "ready\nbulk 0 1 0,5\ndraining 2 5";
+    check_cycles(&[(cut, &[(0, &[(10, "c0.t0.s1")])])]).expect("taken by the cut-off drain");
+}
+
+#[test]
+fn the_check_catches_a_reused_id() {
+    let cycle_1 = "ready\nsend 0 1 5\nsent 0 1 12";
+    assert_caught(
+        &[
+            (CYCLE_0, &[(0, QUEUE_0)]),
+            (cycle_1, &[(0, QUEUE_0), (5, &[(12, "c1.t0.s1")])]),
+        ],
+        "an id was reused",
+    );
+}
+
+#[test]
+fn the_check_catches_lost_doubled_returning_and_invented_messages() {
+    let lost: &[(u64, &str)] = &[(10, "c0.t0.s1"), (12, "c0.t0.s2")];
+    assert_caught(
+        &[(CYCLE_0, &[(0, lost)])],
+        "no drain of this user was cut off",
+    );
+    let twice: &[(u64, &str)] = &[
+        (10, "c0.t0.s1"),
+        (11, "c0.t1.s1"),
+        (12, "c0.t0.s2"),
+        (13, "c0.t0.s3"),
+    ];
+    assert_caught(
+        &[(CYCLE_0, &[(0, QUEUE_0), (3, &twice[3..])])],
+        "delivered or queued twice",
+    );
+    assert_caught(&[(CYCLE_0, &[(0, twice)])], "never sent to this user");
+    // Drained in cycle 0, back in cycle 1.
+    assert_caught(
+        &[
+            (CYCLE_0, &[(0, QUEUE_0)]),
+            ("ready", &[(0, QUEUE_0), (3, &[(13, "c0.t0.s3")])]),
+        ],
+        "was delivered before and came back",
+    );
+}
+
+#[test]
+fn the_check_allows_only_what_a_cut_off_drain_can_remove() {
+    // Thread 0 starts draining user 0 and is killed.
+    let cycle_1 = "ready\ndraining 0 0";
+    let rest: [(u64, &str); 3] = [(10, "c0.t0.s1"), (11, "c0.t1.s1"), (12, "c0.t0.s2")];
+    // A prefix of the queue in id order may go ...
+    for taken in 0..=3 {
+        check_cycles(&[
+            (CYCLE_0, &[(0, QUEUE_0)]),
+            (cycle_1, &[(0, &rest[taken..])]),
+        ])
+        .unwrap_or_else(|e| panic!("the cut-off drain took {taken}: {e}"));
+    }
+    // ... but not a later message while an earlier one stays.
+    assert_caught(
+        &[
+            (CYCLE_0, &[(0, QUEUE_0)]),
+            (cycle_1, &[(0, &[rest[0], rest[2]])]),
+        ],
+        "had to remove first, is still queued",
+    );
+
+    // Sent during the drain, which took everything older: 20 was
+    // acknowledged before 21 was sent, so a drain that read 21 read 20 first.
+    let cycle_1 = "ready\ndraining 0 0\nsend 1 1 0\nsent 1 1 20\nsend 2 1 0\nsent 2 1 21";
+    let queue: &[(u64, &str)] = &[(20, "c1.t1.s1")];
+    assert_caught(
+        &[(CYCLE_0, &[(0, QUEUE_0)]), (cycle_1, &[(0, queue)])],
+        "had to remove first, is still queued",
+    );
+    // Sent at the same time, 20 may have been inserted after the drain read
+    // the queue (its id came first, its insert later): 21 may go alone.
+    let cycle_1 = "ready\ndraining 0 0\nsend 1 1 0\nsend 2 1 0\nsent 2 1 21\nsent 1 1 20";
+    check_cycles(&[(CYCLE_0, &[(0, QUEUE_0)]), (cycle_1, &[(0, queue)])])
+        .expect("20 was not acknowledged before 21 was sent");
+
+    // A lease's commit removes only what the lease read, before `committing`.
+    let cycle_1 = "ready\nleasing 0 0\ncommitting 0 0\nsend 1 1 0\nsent 1 1 20";
+    assert_caught(
+        &[(CYCLE_0, &[(0, QUEUE_0)]), (cycle_1, &[(0, &[])])],
+        "before it was sent",
+    );
+    // A released lease removes nothing.
+    let cycle_1 = "ready\nleasing 0 0\nreleased 0 0";
+    assert_caught(
+        &[(CYCLE_0, &[(0, QUEUE_0)]), (cycle_1, &[(0, &rest[1..])])],
+        "no drain of this user was cut off",
+    );
 }
