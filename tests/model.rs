@@ -1,17 +1,18 @@
-//! Model test: random sequences of sends, bulk sends, drains, peeks, counts
-//! and close/reopen, run against the store and against a plain in-memory
-//! reference (`BTreeMap<UserId, VecDeque<..>>`); after every step both must
-//! agree exactly (texts, levels, ids, order).
+//! Model test: random sequences of sends, bulk sends, drains, peeks, counts,
+//! leases (taken, then committed, released or dropped, several at once) and
+//! close/reopen, run against the store and against a plain in-memory
+//! reference (`BTreeMap<UserId, VecDeque<..>>` plus the leased messages); after
+//! every step both must agree exactly (texts, levels, ids, order).
 //!
 //! 256 cases by default (or `PROPTEST_CASES`); 10,000 in the ignored
 //! `model_long`.
 
 mod common;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::time::Duration;
 
-use async_messages::{Durability, Error, Level, MessageStore, UserId};
+use async_messages::{Durability, Error, Lease, Level, MessageStore, UserId};
 use common::TestDir;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError};
@@ -52,6 +53,13 @@ enum Op {
     Get(usize),
     Peek(usize),
     Count(usize),
+    /// Take a user's unleased messages in a lease.
+    Lease(usize),
+    /// Commit, release or drop one of the open leases (by index, modulo
+    /// their number; nothing if none is open).
+    Commit(usize),
+    Release(usize),
+    DropLease(usize),
     Reopen,
 }
 
@@ -65,7 +73,11 @@ fn any_op() -> impl Strategy<Value = Op> {
             .prop_map(|(u, t, l)| Op::SendMany(u, t, l)),
         3 => user.clone().prop_map(Op::Get),
         2 => user.clone().prop_map(Op::Peek),
-        1 => user.prop_map(Op::Count),
+        1 => user.clone().prop_map(Op::Count),
+        2 => user.prop_map(Op::Lease),
+        1 => any::<usize>().prop_map(Op::Commit),
+        1 => any::<usize>().prop_map(Op::Release),
+        1 => any::<usize>().prop_map(Op::DropLease),
         1 => Just(Op::Reopen),
     ]
 }
@@ -96,7 +108,24 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
     let dir = TestDir::new();
     let mut store = open(&dir).map_err(fail)?;
     let mut model: BTreeMap<UserId, VecDeque<Queued>> = BTreeMap::new();
+    // (user, id) pairs hidden by an open lease (a bulk send's id is shared
+    // by its recipients), and the open leases with what each took.
+    let mut leased: HashSet<(UserId, u64)> = HashSet::new();
+    let mut leases: Vec<(Lease, UserId, Vec<Queued>)> = Vec::new();
     let mut last_id: Option<u64> = None;
+    // What a drain or a lease takes: the user's messages not leased.
+    let unleased = |model: &BTreeMap<UserId, VecDeque<Queued>>,
+                    leased: &HashSet<(UserId, u64)>,
+                    user: &UserId|
+     -> Vec<Queued> {
+        model
+            .get(user)
+            .into_iter()
+            .flatten()
+            .filter(|(id, _, _)| !leased.contains(&(user.clone(), *id)))
+            .cloned()
+            .collect()
+    };
     for op in ops {
         match op {
             Op::Send(u, text, level) => {
@@ -163,8 +192,43 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
             }
             Op::Get(u) => {
                 let got = shown(&store.get_messages(&users[*u]).map_err(fail)?);
-                let want: Vec<Queued> = model.remove(&users[*u]).unwrap_or_default().into();
+                let want = unleased(&model, &leased, &users[*u]);
+                if let Some(queue) = model.get_mut(&users[*u]) {
+                    queue.retain(|(id, _, _)| leased.contains(&(users[*u].clone(), *id)));
+                }
                 prop_assert_eq!(got, want, "get_messages({:?})", &users[*u]);
+            }
+            Op::Lease(u) => {
+                let lease = store.lease_messages(&users[*u]).map_err(fail)?;
+                let want = unleased(&model, &leased, &users[*u]);
+                prop_assert_eq!(
+                    shown(lease.messages()),
+                    want.clone(),
+                    "lease_messages({:?})",
+                    &users[*u]
+                );
+                leased.extend(want.iter().map(|(id, _, _)| (users[*u].clone(), *id)));
+                leases.push((lease, users[*u].clone(), want));
+            }
+            Op::Commit(k) | Op::Release(k) | Op::DropLease(k) => {
+                if leases.is_empty() {
+                    continue;
+                }
+                let (lease, user, took) = leases.remove(k % leases.len());
+                for (id, _, _) in &took {
+                    leased.remove(&(user.clone(), *id));
+                }
+                match op {
+                    Op::Commit(_) => {
+                        let got = shown(&lease.commit().map_err(fail)?);
+                        prop_assert_eq!(got, took.clone(), "commit of a lease of {:?}", &user);
+                        if let Some(queue) = model.get_mut(&user) {
+                            queue.retain(|queued| !took.contains(queued));
+                        }
+                    }
+                    Op::Release(_) => lease.release(),
+                    _ => drop(lease),
+                }
             }
             Op::Peek(u) => {
                 let got = shown(&store.peek(&users[*u]).map_err(fail)?);
@@ -181,13 +245,17 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 );
             }
             Op::Reopen => {
-                // Reopening right after the drop must work.
+                // Open leases hold the store: dropped, their messages come
+                // back. Reopening right after the drop must work.
+                leases.clear();
+                leased.clear();
                 drop(store);
                 store = open(&dir).map_err(fail)?;
             }
         }
     }
     // At the end, after one more reopen, every user holds exactly the model.
+    leases.clear();
     drop(store);
     let store = open(&dir).map_err(fail)?;
     for user in &users {
