@@ -619,7 +619,9 @@ fn a_damaged_log_is_reported_not_silently_dropped() -> Result<()> {
             read < total,
             "{context}: without the mark the store should have lost messages silently, but all {total} are there"
         );
-        println!("{context}: Error::DataLoss; without the mark {read} of {total} messages, no error");
+        println!(
+            "{context}: Error::DataLoss; without the mark {read} of {total} messages, no error"
+        );
     }
     Ok(())
 }
