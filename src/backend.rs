@@ -380,10 +380,7 @@ impl Backend {
             reason: reason.to_owned(),
             at_ms: crate::message::now_ms(),
         };
-        let mut bytes = vec![FORMAT_VERSION];
-        if let Ok(body) = bincode::serde::encode_to_vec(&record, bincode::config::standard()) {
-            bytes.extend_from_slice(&body);
-        }
+        let bytes = encode_quarantined(&record);
         let id = self.next_id()?;
         self.quarantine
             .insert(id.to_be_bytes(), bytes)
@@ -402,15 +399,7 @@ impl Backend {
         let mut out = Vec::new();
         for item in self.quarantine.iter().values() {
             let bytes = item.map_err(|e| self.err(e))?;
-            let Some((&FORMAT_VERSION, body)) = bytes.split_first() else {
-                continue;
-            };
-            if let Ok((record, _)) = bincode::serde::decode_from_slice::<QuarantinedRecord, _>(
-                body,
-                bincode::config::standard().with_limit::<{ 64 << 20 }>(),
-            ) {
-                out.push(record);
-            }
+            out.extend(decode_quarantined(&bytes));
         }
         Ok(out)
     }
@@ -458,23 +447,11 @@ impl Backend {
     /// closed cleanly since it was last opened. A mark that cannot be parsed
     /// is ignored (it only ever makes the check stricter).
     pub(crate) fn read_clean_mark(&self) -> Result<Option<RecordCounts>> {
-        let text = match std::fs::read_to_string(self.clean_mark_path()) {
-            Ok(text) => text,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_error(&self.path, e)),
-        };
-        let field = |name: &str| {
-            text.split_whitespace()
-                .find_map(|part| part.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
-        };
-        // `bulk` was added later: a mark without it counts none.
-        Ok(field("messages")
-            .zip(field("texts"))
-            .map(|(messages, texts)| RecordCounts {
-                messages,
-                texts,
-                bulk: field("bulk").unwrap_or(0),
-            }))
+        match std::fs::read(self.clean_mark_path()) {
+            Ok(bytes) => Ok(parse_clean_mark(&bytes)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_error(&self.path, e)),
+        }
     }
 
     /// Removes the mark once the store is open: from now on it changes.
@@ -493,10 +470,7 @@ impl Backend {
             texts: self.texts.len() as u64,
             bulk: self.bulk.len() as u64,
         };
-        let text = format!(
-            "async-messages clean close v1 messages={} texts={} bulk={}\n",
-            counts.messages, counts.texts, counts.bulk
-        );
+        let text = clean_mark_text(counts);
         let temporary = self.path.join(format!("{CLEAN_MARK}.tmp"));
         let write = || -> io::Result<()> {
             let mut file = std::fs::File::create(&temporary)?;
@@ -512,6 +486,55 @@ impl Backend {
     pub(crate) fn size_on_disk(&self) -> Result<u64> {
         self.db.size_on_disk().map_err(|e| self.err(e))
     }
+}
+
+/// A quarantine entry: `FORMAT_VERSION ‖ bincode(QuarantinedRecord)`.
+pub(crate) fn encode_quarantined(record: &QuarantinedRecord) -> Vec<u8> {
+    let mut bytes = vec![FORMAT_VERSION];
+    // Encoding these plain fields into a Vec cannot fail; if bincode ever
+    // did, the entry would be an empty body, skipped by the decoder.
+    if let Ok(body) = bincode::serde::encode_to_vec(record, bincode::config::standard()) {
+        bytes.extend_from_slice(&body);
+    }
+    bytes
+}
+
+/// Decodes a quarantine entry; `None` unless `bytes` are exactly one entry
+/// of this format version. Never allocates more than 64 MiB.
+pub(crate) fn decode_quarantined(bytes: &[u8]) -> Option<QuarantinedRecord> {
+    let (&FORMAT_VERSION, body) = bytes.split_first()? else {
+        return None;
+    };
+    let (record, used) = bincode::serde::decode_from_slice::<QuarantinedRecord, _>(
+        body,
+        bincode::config::standard().with_limit::<{ 64 << 20 }>(),
+    )
+    .ok()?;
+    (used == body.len()).then_some(record)
+}
+
+/// The clean-close mark's text.
+pub(crate) fn clean_mark_text(counts: RecordCounts) -> String {
+    format!(
+        "async-messages clean close v1 messages={} texts={} bulk={}\n",
+        counts.messages, counts.texts, counts.bulk
+    )
+}
+
+/// Parses a clean-close mark; `None` if it is not one (damaged, not UTF-8,
+/// a count missing or not a number), and the caller then ignores it.
+pub(crate) fn parse_clean_mark(bytes: &[u8]) -> Option<RecordCounts> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let field = |name: &str| {
+        text.split_whitespace()
+            .find_map(|part| part.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+    };
+    // `bulk` was added later: a mark without it counts none.
+    Some(RecordCounts {
+        messages: field("messages")?,
+        texts: field("texts")?,
+        bulk: field("bulk").unwrap_or(0),
+    })
 }
 
 /// Makes a rename or removal in `dir` durable.

@@ -4,6 +4,9 @@
 
 use proptest::prelude::*;
 
+use crate::backend::{
+    RecordCounts, clean_mark_text, decode_quarantined, encode_quarantined, parse_clean_mark,
+};
 use crate::key::{self, decode_user, split_key, split_text_key};
 use crate::record::{self, Record, decode_format, decode_record, decode_text};
 
@@ -141,6 +144,135 @@ proptest! {
             prop_assert_eq!(record::decode_bulk(&again), Ok(bulk));
         }
     }
+}
+
+/// Bytes that look like quarantine entries: a valid entry (built from its
+/// fields, in declaration order, as serde lays them out) as is, or with a
+/// byte changed, cut or added; or anything.
+fn quarantine_like() -> impl Strategy<Value = Vec<u8>> {
+    let entry = (
+        "[a-z]{0,8}",
+        proptest::collection::vec(any::<u8>(), 0..24),
+        proptest::collection::vec(any::<u8>(), 0..40),
+        "[a-z é]{0,16}",
+        any::<u64>(),
+    );
+    prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..96),
+        (entry, any::<usize>(), any::<u8>(), 0_u8..4).prop_map(|(fields, index, byte, how)| {
+            let mut bytes = vec![crate::record::FORMAT_VERSION];
+            bytes.extend(
+                bincode::serde::encode_to_vec(&fields, bincode::config::standard())
+                    .unwrap_or_default(),
+            );
+            let i = index % bytes.len();
+            match how {
+                0 => {}
+                1 => bytes[i] = byte,
+                2 => bytes.truncate(i),
+                _ => bytes.insert(i, byte),
+            }
+            bytes
+        }),
+    ]
+}
+
+/// Text that looks like a clean-close mark, then damaged; or anything.
+fn clean_mark_like() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..96),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<usize>(),
+            any::<u8>(),
+            0_u8..4
+        )
+            .prop_map(|(messages, texts, bulk, index, byte, how)| {
+                let counts = RecordCounts {
+                    messages,
+                    texts,
+                    bulk,
+                };
+                let mut bytes = clean_mark_text(counts).into_bytes();
+                let i = index % bytes.len();
+                match how {
+                    0 => {}
+                    1 => bytes[i] = byte,
+                    2 => bytes.truncate(i),
+                    _ => bytes.insert(i, byte),
+                }
+                bytes
+            }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4096))]
+
+    /// A quarantine entry decodes to nothing or to a record that encodes
+    /// back to exactly its bytes.
+    #[test]
+    fn quarantine_decoder_never_panics(bytes in quarantine_like()) {
+        if let Some(record) = decode_quarantined(&bytes) {
+            prop_assert_eq!(encode_quarantined(&record), bytes);
+        }
+    }
+
+    /// What the store writes, it reads back, field for field.
+    #[test]
+    fn quarantine_entries_round_trip(
+        tree in "[a-z]{0,8}",
+        key in proptest::collection::vec(any::<u8>(), 0..24),
+        value in proptest::collection::vec(any::<u8>(), 0..40),
+        reason in "[a-z é]{0,16}",
+        at_ms in any::<u64>(),
+    ) {
+        let mut bytes = vec![crate::record::FORMAT_VERSION];
+        bytes.extend(
+            bincode::serde::encode_to_vec(
+                (&tree, &key, &value, &reason, at_ms),
+                bincode::config::standard(),
+            )
+            .unwrap_or_default(),
+        );
+        let record = decode_quarantined(&bytes)
+            .ok_or_else(|| TestCaseError::fail("a written entry does not decode"))?;
+        prop_assert_eq!(
+            (record.tree(), record.key(), record.value(), record.reason(), record.quarantined_at_ms()),
+            (tree.as_str(), key.as_slice(), value.as_slice(), reason.as_str(), at_ms)
+        );
+        prop_assert_eq!(encode_quarantined(&record), bytes);
+    }
+
+    /// A clean-close mark parses to nothing or to counts whose mark parses
+    /// to the same counts; a mark the store wrote parses to its counts.
+    #[test]
+    fn clean_mark_parser_never_panics(bytes in clean_mark_like(), counts in any::<(u64, u64, u64)>()) {
+        if let Some(parsed) = parse_clean_mark(&bytes) {
+            prop_assert_eq!(parse_clean_mark(clean_mark_text(parsed).as_bytes()), Some(parsed));
+        }
+        let counts = RecordCounts { messages: counts.0, texts: counts.1, bulk: counts.2 };
+        prop_assert_eq!(parse_clean_mark(clean_mark_text(counts).as_bytes()), Some(counts));
+    }
+}
+
+#[test]
+fn a_clean_mark_without_a_count_or_in_bad_utf8_is_not_a_mark() {
+    assert_eq!(parse_clean_mark(b"messages=3"), None);
+    assert_eq!(parse_clean_mark(b"texts=3 bulk=1"), None);
+    assert_eq!(parse_clean_mark(b"messages=3 texts=x"), None);
+    assert_eq!(parse_clean_mark(b"messages=3 texts=4 \xff"), None);
+    // Written before bulk records existed: no bulk count means none.
+    assert_eq!(
+        parse_clean_mark(b"async-messages clean close v1 messages=3 texts=4\n"),
+        Some(RecordCounts {
+            messages: 3,
+            texts: 4,
+            bulk: 0
+        })
+    );
 }
 
 #[test]
