@@ -2,9 +2,10 @@
 //!
 //! # Design
 //!
-//! **Key layout.** One sled tree, `messages`, holds every queued message under
+//! **Key layout.** One sled tree, `messages`, holds each user's records under
 //! `user ‖ sequence`, both big-endian, so byte order is (user, send order) and
-//! one prefix scan reads one user's queue:
+//! one prefix scan reads one user's queue (bulk records, below, are merged in
+//! by sequence number):
 //!
 //! ```text
 //! integer user:  0x01 ‖ id: u64                     ‖ seq: u64
@@ -36,7 +37,15 @@
 //! each recipient's record is then two bytes, written one insert at a time
 //! (sled 0.34 writes out its log buffer for every `Batch`), committed by
 //! writing the text last: until then its records are invisible, and after a
-//! crash or a failure they are rolled back.
+//! crash or a failure they are rolled back. A send to more than 256 users
+//! writes nothing per recipient: one record in the `bulk` tree holds the
+//! text and the recipient set, and takes its sequence number when it
+//! commits. A drain delivers every live bulk record that lists its user,
+//! merged with the user's own records by sequence number, and writes a
+//! *taken mark* (`user ‖ bulk id`) in the same sled batch that removes the
+//! user's drained records. A maintenance thread (the store's one background
+//! thread, beside sled's) folds users who took a record out of it, then
+//! removes their marks, and removes the record once everyone has taken it.
 //! The database's own format version is kept in the `meta` tree; a newer one
 //! is refused with [`Error::UnsupportedFormat`].
 //!
@@ -82,8 +91,8 @@
 //! it, sends fail with [`Error::DiskFull`] and store nothing, drains still
 //! work, and sends succeed again once space is freed.
 //!
-//! **What is kept.** Queued messages until drained; shared texts until their
-//! last recipient has drained; damaged records in the `quarantine` tree (see
+//! **What is kept.** Queued messages until drained; shared texts and bulk
+//! records until their last recipient has drained; damaged records in the `quarantine` tree (see
 //! [`MessageStore::quarantined`]). Drained messages are removed, and sled
 //! reclaims their space as it rewrites its segments. At each clean close
 //! the store writes its record counts to `async-messages.clean` beside
