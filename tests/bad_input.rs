@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use async_messages::{Error, Level, MessageStore, Result, UserId};
-use common::{TestDir, raw_db, texts};
+use common::{TestDir, missing_prerequisite, raw_db, texts};
 
 /// A store holding two messages for user 1 and one for "ann".
 fn seeded(dir: &TestDir) -> Result<MessageStore> {
@@ -265,37 +265,40 @@ struct Mount {
 }
 
 impl Mount {
-    /// `None`, with the reason printed, where mounting is not possible.
+    /// `None` where mounting is not possible: the test then fails if `CI`
+    /// is set, and is skipped with a `SKIPPED` line on stderr otherwise.
     fn tmpfs(size: &str) -> Option<Mount> {
+        let mount = Mount::try_tmpfs(size);
+        if let Err(reason) = &mount {
+            missing_prerequisite(reason);
+        }
+        mount.ok()
+    }
+
+    fn try_tmpfs(size: &str) -> std::result::Result<Mount, String> {
         let dir = TestDir::new();
         let point = dir.store_path().with_file_name("mnt");
-        std::fs::create_dir_all(&point).ok()?;
+        std::fs::create_dir_all(&point)
+            .map_err(|e| format!("cannot create {}: {e}", point.display()))?;
         let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
         let root = status
             .lines()
             .find_map(|l| l.strip_prefix("Uid:"))
             .is_some_and(|uids| uids.split_whitespace().nth(1) == Some("0"));
         if !root {
-            println!("SKIPPED: not running as root, so no tmpfs can be mounted for this test");
-            return None;
+            return Err("not running as root, so no tmpfs can be mounted for this test".to_owned());
         }
         let out = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
             .arg(&point)
             .output();
         match out {
-            Ok(out) if out.status.success() => Some(Mount { point, _dir: dir }),
-            Ok(out) => {
-                println!(
-                    "SKIPPED: mount -t tmpfs failed ({}); this test needs CAP_SYS_ADMIN",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-                None
-            }
-            Err(e) => {
-                println!("SKIPPED: cannot run mount: {e}");
-                None
-            }
+            Ok(out) if out.status.success() => Ok(Mount { point, _dir: dir }),
+            Ok(out) => Err(format!(
+                "mount -t tmpfs failed ({}); this test needs CAP_SYS_ADMIN",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+            Err(e) => Err(format!("cannot run mount: {e}")),
         }
     }
 
@@ -574,4 +577,18 @@ fn a_user_listed_twice_gets_one_copy_and_leaves_no_text_behind() -> Result<()> {
     let left = db.open_tree("texts").expect("texts").len();
     assert_eq!(left, 0, "a delivered shared text is still stored");
     Ok(())
+}
+
+/// The control for the tests above: a missing prerequisite fails the test
+/// when `CI` is set and only skips it (with a line on stderr) otherwise.
+#[test]
+fn a_missing_prerequisite_fails_under_ci_and_skips_otherwise() {
+    common::skip_or_fail("a made-up prerequisite is missing", false);
+    let under_ci = std::panic::catch_unwind(|| {
+        common::skip_or_fail("a made-up prerequisite is missing", true);
+    });
+    assert!(
+        under_ci.is_err(),
+        "with CI set, a missing prerequisite must fail the test"
+    );
 }

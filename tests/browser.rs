@@ -5,9 +5,10 @@
 //!
 //! Needs the Debian packages `chromium` and `chromium-driver` (`.ci/run`
 //! installs them). Without them the test fails if `CI` is set and is skipped
-//! (with a note) otherwise.
+//! (with a `SKIPPED` line on stderr) otherwise.
 #![cfg(feature = "axum")]
 
+mod common;
 mod web_client;
 #[allow(dead_code)] // `main` and helpers the test does not call.
 #[path = "../examples/web_demo.rs"]
@@ -274,12 +275,10 @@ fn chromium_logs_in_sends_and_sees_the_message_once() -> TestResult {
     let (Some(chromium), Some(chromedriver)) =
         (find_program("chromium"), find_program("chromedriver"))
     else {
-        let reason = "chromium and chromedriver are not installed \
-                      (apt-get install -y chromium chromium-driver)";
-        if std::env::var_os("CI").is_some() {
-            panic!("{reason}");
-        }
-        eprintln!("skipped: {reason}");
+        common::missing_prerequisite(
+            "chromium and chromedriver are not installed \
+             (apt-get install -y chromium chromium-driver)",
+        );
         return Ok(());
     };
 
