@@ -49,7 +49,9 @@ fn any_level() -> impl Strategy<Value = Level> {
 #[derive(Debug, Clone)]
 enum Op {
     Send(usize, String, Level),
-    SendMany(Vec<usize>, String, Level),
+    /// A bulk send; with `true`, also to [`FILLER`] users outside the
+    /// model, so that it is stored as one bulk record (over 256 recipients).
+    SendMany(Vec<usize>, String, Level, bool),
     Get(usize),
     Peek(usize),
     Count(usize),
@@ -69,8 +71,13 @@ fn any_op() -> impl Strategy<Value = Op> {
     let text = prop_oneof![9 => "[a-zé \\x00]{1,12}", 1 => Just(String::new())];
     prop_oneof![
         6 => (user.clone(), text.clone(), any_level()).prop_map(|(u, t, l)| Op::Send(u, t, l)),
-        2 => (proptest::collection::vec(user.clone(), 0..6), text, any_level())
-            .prop_map(|(u, t, l)| Op::SendMany(u, t, l)),
+        2 => (
+            proptest::collection::vec(user.clone(), 0..6),
+            text,
+            any_level(),
+            prop_oneof![2 => Just(false), 1 => Just(true)]
+        )
+            .prop_map(|(u, t, l, big)| Op::SendMany(u, t, l, big)),
         3 => user.clone().prop_map(Op::Get),
         2 => user.clone().prop_map(Op::Peek),
         1 => user.clone().prop_map(Op::Count),
@@ -81,6 +88,10 @@ fn any_op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Reopen),
     ]
 }
+
+/// Users outside the model added to a big bulk send, to take it over the
+/// 256 recipients above which it is stored as one bulk record.
+const FILLER: u64 = 300;
 
 /// What the reference holds for each message: id, text, level.
 type Queued = (u64, String, Level);
@@ -152,15 +163,19 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                     .or_default()
                     .push_back((id, text.clone(), *level));
             }
-            Op::SendMany(list, text, level) => {
-                let result =
-                    store.message_users(list.iter().map(|u| &users[*u]), text.as_str(), *level);
+            Op::SendMany(list, text, level, big) => {
+                let filler = (0..if *big { FILLER } else { 0 }).map(|k| UserId::Int((1 << 50) + k));
+                let result = store.message_users(
+                    list.iter().map(|u| users[*u].clone()).chain(filler),
+                    text.as_str(),
+                    *level,
+                );
                 if text.is_empty() {
                     prop_assert!(matches!(result, Err(Error::EmptyMessage)), "{result:?}");
                     continue;
                 }
                 let sent = result.map_err(fail)?;
-                if *level < Level::Info || list.is_empty() {
+                if *level < Level::Info || (list.is_empty() && !big) {
                     prop_assert_eq!(sent.id(), None);
                     prop_assert_eq!(sent.recipients(), 0);
                     continue;
@@ -169,7 +184,8 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 let mut listed = list.clone();
                 listed.sort_unstable();
                 listed.dedup();
-                prop_assert_eq!(sent.recipients(), listed.len() as u64);
+                let filler = if *big { FILLER } else { 0 };
+                prop_assert_eq!(sent.recipients(), listed.len() as u64 + filler);
                 let id = sent
                     .id()
                     .ok_or_else(|| TestCaseError::fail("no id for a bulk send"))?
