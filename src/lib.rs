@@ -37,15 +37,7 @@
 //! each recipient's record is then two bytes, written one insert at a time
 //! (sled 0.34 writes out its log buffer for every `Batch`), committed by
 //! writing the text last: until then its records are invisible, and after a
-//! crash or a failure they are rolled back. A send to more than 256 users
-//! writes nothing per recipient: one record in the `bulk` tree holds the
-//! text and the recipient set, and takes its sequence number when it
-//! commits. A drain delivers every live bulk record that lists its user,
-//! merged with the user's own records by sequence number, and writes a
-//! *taken mark* (`user ‖ bulk id`) in the same sled batch that removes the
-//! user's drained records. A maintenance thread (the store's one background
-//! thread, beside sled's) folds users who took a record out of it, then
-//! removes their marks, and removes the record once everyone has taken it.
+//! crash or a failure they are rolled back.
 //! The database's own format version is kept in the `meta` tree; a newer one
 //! is refused with [`Error::UnsupportedFormat`].
 //!
