@@ -792,12 +792,14 @@ fn the_check_catches_lost_acknowledged_writes() -> Result<()> {
 
 // ------------------------------------------------------------ the controls
 
+/// A made-up cycle: the child's output, and per user its queue after the
+/// reopen as (id, text) pairs.
+type MadeUpCycle<'a> = (&'a str, &'a [(usize, &'a [(u64, &'a str)])]);
+
 /// Runs the parent's check over made-up cycles: each is the child's output
 /// and what the reopened store holds (user, then (id, text) in queue
 /// order). Returns the world, or the first broken promise.
-fn check_cycles(
-    cycles: &[(&str, &[(usize, &[(u64, &str)])])],
-) -> std::result::Result<World, String> {
+fn check_cycles(cycles: &[MadeUpCycle<'_>]) -> std::result::Result<World, String> {
     let mut world = World::new();
     for (cycle, (output, queues)) in cycles.iter().enumerate() {
         let lines: Vec<String> = output.lines().map(|l| l.trim().to_owned()).collect();
@@ -833,7 +835,7 @@ const CYCLE_0: &str = "
 const QUEUE_0: &[(u64, &str)] = &[(10, "c0.t0.s1"), (11, "c0.t1.s1"), (12, "c0.t0.s2")];
 
 /// Asserts that the check finds `problem` in these cycles.
-fn assert_caught(cycles: &[(&str, &[(usize, &[(u64, &str)])])], problem: &str) {
+fn assert_caught(cycles: &[MadeUpCycle<'_>], problem: &str) {
     match check_cycles(cycles) {
         Ok(_) => panic!("the check missed a broken promise ({problem})"),
         Err(found) => assert!(
