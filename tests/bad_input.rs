@@ -583,7 +583,11 @@ fn a_user_listed_twice_gets_one_copy_and_leaves_no_text_behind() -> Result<()> {
 /// when `CI` is set and only skips it (with a line on stderr) otherwise.
 #[test]
 fn a_missing_prerequisite_fails_under_ci_and_skips_otherwise() {
-    common::skip_or_fail("a made-up prerequisite is missing", false);
+    let line = common::skip_or_fail("a made-up prerequisite is missing", false);
+    assert!(
+        line.starts_with("SKIPPED a_missing_prerequisite_fails_under_ci_and_skips_otherwise: "),
+        "{line}"
+    );
     let under_ci = std::panic::catch_unwind(|| {
         common::skip_or_fail("a made-up prerequisite is missing", true);
     });

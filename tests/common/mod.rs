@@ -97,16 +97,17 @@ pub fn seed_from_env(var: &str) -> u64 {
 
 /// Handles a test whose prerequisite (root, a mount, a tool) is missing:
 /// with env `CI` set, the test fails; otherwise it prints a skip line and
-/// the caller returns (passes). See [`skip_or_fail`].
+/// the caller returns (passes). The line goes straight to stderr, past the
+/// test harness's output capture, so that a skip is seen in a plain
+/// `cargo test` run.
 pub fn missing_prerequisite(reason: &str) {
-    skip_or_fail(reason, std::env::var_os("CI").is_some());
+    let line = skip_or_fail(reason, std::env::var_os("CI").is_some());
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
 }
 
 /// The rule of [`missing_prerequisite`], with `ci` given (testable without
-/// changing the environment). The skip line goes straight to stderr, past
-/// the test harness's output capture, so that a skip is seen in a plain
-/// `cargo test` run.
-pub fn skip_or_fail(reason: &str, ci: bool) {
+/// changing the environment): panics if `ci`, else returns the skip line.
+pub fn skip_or_fail(reason: &str, ci: bool) -> String {
     let test = std::thread::current()
         .name()
         .unwrap_or("this test")
@@ -115,10 +116,7 @@ pub fn skip_or_fail(reason: &str, ci: bool) {
         !ci,
         "{test}: {reason}; CI is set, so a missing prerequisite fails the test instead of skipping it"
     );
-    let _ = std::io::Write::write_all(
-        &mut std::io::stderr(),
-        format!("SKIPPED {test}: {reason} (set CI to make this a failure)\n").as_bytes(),
-    );
+    format!("SKIPPED {test}: {reason} (set CI to make this a failure)\n")
 }
 
 /// Sends `request` through an axum app in-process and reads the whole body.
