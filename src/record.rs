@@ -171,7 +171,7 @@ pub(crate) fn encode_bulk(
         text: text.to_owned(),
         strs: recipients.strs.clone(),
     });
-    out.reserve(usize::try_from(recipients.ints.serialized_size()).unwrap_or(0));
+    out.reserve(recipients.ints.serialized_size());
     // Writing into a Vec cannot fail.
     let _ = recipients.ints.serialize_into(&mut out);
     out

@@ -785,13 +785,13 @@ impl Inner {
         let mut set = Recipients::default();
         let mut read = 0_u64;
         for user in users {
-            if let UserId::Str(name) = &user {
-                if name.len() > UserId::MAX_STR_BYTES {
-                    return Err(Error::UserIdTooLong {
-                        len: name.len(),
-                        limit: UserId::MAX_STR_BYTES,
-                    });
-                }
+            if let UserId::Str(name) = &user
+                && name.len() > UserId::MAX_STR_BYTES
+            {
+                return Err(Error::UserIdTooLong {
+                    len: name.len(),
+                    limit: UserId::MAX_STR_BYTES,
+                });
             }
             set.push(user);
             read += 1;
