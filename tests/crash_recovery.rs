@@ -36,10 +36,17 @@
 //! ```
 //!
 //! Texts are `cCYCLE.tTHREAD.sSEQ`, so every message names its sender.
+//!
+//! One send in fifty is a *big* bulk send (`big T SEQ` before its `bulk`
+//! line): to every tracked user and to 20,000 more users (`BIG_USERS`) who
+//! never drain. It is stored as one shared record, and the kill sometimes
+//! lands inside it. The parent checks it like any bulk send for the tracked
+//! users, and checks a different untracked user each cycle: it holds
+//! exactly the big sends that the tracked users hold or were given.
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -93,6 +100,8 @@ fn user(index: usize) -> UserId {
     }
 }
 const USERS: usize = 24;
+/// The untracked recipients of big bulk sends.
+const BIG_USERS: std::ops::Range<u64> = 10_000_000..10_020_000;
 
 /// The thread that drains a user: each user has one, so its drains are in
 /// print order.
@@ -161,6 +170,23 @@ fn crash_child() {
                             )
                             .map(|id| {
                                 say(format!("sent {thread} {seq} {}", id.expect("stored").get()))
+                            })
+                    } else if roll < 57 {
+                        seq += 1;
+                        let tracked: Vec<String> = (0..USERS).map(|u| u.to_string()).collect();
+                        say(format!("big {thread} {seq}"));
+                        say(format!("bulk {thread} {seq} {}", tracked.join(",")));
+                        store
+                            .message_users(
+                                (0..USERS).map(user).chain(BIG_USERS.map(UserId::Int)),
+                                format!("c{cycle}.t{thread}.s{seq}"),
+                                Level::Info,
+                            )
+                            .map(|sent| {
+                                say(format!(
+                                    "bulked {thread} {seq} {}",
+                                    sent.id().expect("stored").get()
+                                ))
                             })
                     } else if roll < 65 {
                         seq += 1;
@@ -279,6 +305,8 @@ struct Output {
     drains: HashMap<usize, Vec<Vec<(u64, Key)>>>,
     /// Users whose drain was cut off: it may or may not have happened.
     pending: HashMap<usize, CutDrain>,
+    /// The big bulk sends (also to `BIG_USERS`).
+    big: HashSet<Key>,
 }
 
 fn parse_output(cycle: u64, lines: &[String]) -> std::result::Result<Output, String> {
@@ -294,6 +322,9 @@ fn parse_output(cycle: u64, lines: &[String]) -> std::result::Result<Output, Str
         };
         match words[0] {
             "ready" => out.ready = true,
+            "big" => {
+                out.big.insert((cycle, num(1)?, num(2)?));
+            }
             "send" | "bulk" => {
                 let users = if words[0] == "send" {
                     vec![num(3)? as usize]
@@ -390,6 +421,10 @@ struct World {
     unacked_sends_survived: u64,
     unacked_sends_lost: u64,
     killed_before_ready: u64,
+    /// Every big bulk send, and the number acknowledged / cut off by the kill.
+    big: HashSet<Key>,
+    big_acked: u64,
+    big_cut: u64,
 }
 
 impl World {
@@ -457,6 +492,14 @@ impl World {
     ) -> std::result::Result<(), String> {
         for (key, intent) in &out.intents {
             self.intents.insert(*key, intent.users.clone());
+            if out.big.contains(key) {
+                self.big.insert(*key);
+                if intent.acked.is_some() {
+                    self.big_acked += 1;
+                } else {
+                    self.big_cut += 1;
+                }
+            }
         }
         let mut max_id = self.max_id_before;
         let mut seen_anywhere: HashMap<Key, HashSet<usize>> = HashMap::new();
@@ -719,6 +762,27 @@ fn crash_loop(cycles: u64, lax: bool) -> Result<std::result::Result<(), String>>
         if let Err(problem) = world.check(cycle, &out, &found) {
             return Ok(Err(format!("seed {seed}: {problem}")));
         }
+        // An untracked recipient holds exactly the big sends that exist.
+        let present: BTreeSet<Key> = world
+            .big
+            .iter()
+            .filter(|key| {
+                found.iter().flatten().any(|(_, k)| k == *key)
+                    || (0..USERS).any(|u| world.delivered.contains(&(**key, u)))
+            })
+            .copied()
+            .collect();
+        let untracked = BIG_USERS.start + (cycle * 7_919) % (BIG_USERS.end - BIG_USERS.start);
+        let held: BTreeSet<Key> = store
+            .peek(untracked)?
+            .iter()
+            .map(|m| parse_text(m.text()).expect("known text"))
+            .collect();
+        if held != present {
+            return Ok(Err(format!(
+                "seed {seed}, cycle {cycle}: untracked user {untracked} holds big sends {held:?}, but the tracked users show {present:?}: a bulk send is not all or nothing"
+            )));
+        }
         // Now and then the parent drains a few users: those must not come back either.
         for u in 0..USERS {
             if rng.below(4) == 0 {
@@ -741,7 +805,7 @@ fn crash_loop(cycles: u64, lax: bool) -> Result<std::result::Result<(), String>>
     }
     let queued: usize = world.queues.iter().map(Vec::len).sum();
     println!(
-        "crash loop: {cycles} cycles in {:.1} s ({} killed during start-up); {} acknowledged sends, {} acknowledged drains, {} messages delivered, {queued} still queued; unacknowledged sends: {} survived, {} lost; {} messages taken by drains cut off by the kill",
+        "crash loop: {cycles} cycles in {:.1} s ({} killed during start-up); {} acknowledged sends, {} acknowledged drains, {} messages delivered, {queued} still queued; unacknowledged sends: {} survived, {} lost; {} messages taken by drains cut off by the kill; big bulk sends to {} users: {} acknowledged, {} cut off by the kill",
         started.elapsed().as_secs_f64(),
         world.killed_before_ready,
         world.acked_sends,
@@ -750,6 +814,9 @@ fn crash_loop(cycles: u64, lax: bool) -> Result<std::result::Result<(), String>>
         world.unacked_sends_survived,
         world.unacked_sends_lost,
         world.vanished_in_cut_drains,
+        BIG_USERS.end - BIG_USERS.start + USERS as u64,
+        world.big_acked,
+        world.big_cut,
     );
     assert!(
         world.acked_sends > cycles,
