@@ -345,7 +345,19 @@ impl Backend {
         self.bulk.iter().map(|item| item.map_err(|e| self.err(e)))
     }
 
-    /// Writes taken marks and removes drained records in one atomic batch.
+    /// Removes a record; `true` if it was there.
+    pub(crate) fn take_message(&self, key: &[u8]) -> Result<bool> {
+        self.check_poisoned()?;
+        self.messages
+            .remove(key)
+            .map(|previous| previous.is_some())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Writes taken marks and removes drained records in one atomic batch
+    /// (for a drain that takes several bulk messages: sled 0.34's batches
+    /// cost a log buffer write, so a drain taking one uses a single mark
+    /// that lists what it removes instead).
     pub(crate) fn apply_drain(
         &self,
         marks: &[impl AsRef<[u8]>],
@@ -353,7 +365,7 @@ impl Backend {
     ) -> Result<()> {
         self.check_poisoned()?;
         let mut batch = sled::Batch::default();
-        let taken = crate::record::encode_taken();
+        let taken = crate::record::encode_taken(&[]);
         for key in marks {
             batch.insert(key.as_ref(), taken.as_slice());
         }

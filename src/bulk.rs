@@ -6,8 +6,9 @@
 //! A user's drain delivers every live bulk record that lists the user and
 //! that the user has not taken yet, merged with the user's own records by
 //! sequence number, and writes a *taken mark* (`user ‖ bulk id` in the
-//! `messages` tree, two bytes of value) in the same sled batch that removes
-//! the user's other drained records.
+//! `messages` tree) that commits the drain: it lists the user's records the
+//! drain removes, is written before them, and recovery finishes removals a
+//! crash cut off (see `Inner::remove` in `store.rs`).
 //!
 //! Space comes back by *folding*: once many recipients have taken a record,
 //! the maintenance thread rewrites it without them and then removes their

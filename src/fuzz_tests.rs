@@ -69,7 +69,7 @@ proptest! {
             let again = match &record {
                 Record::Inline { level, sent_at_ms, text } => record::encode_inline(*level, *sent_at_ms, text),
                 Record::Shared => record::encode_shared(),
-                Record::Taken => record::encode_taken(),
+                Record::Taken { removed } => record::encode_taken(removed),
             };
             prop_assert_eq!(again, bytes.clone(), "a decoded record re-encodes to its bytes");
         }

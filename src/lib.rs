@@ -25,9 +25,11 @@
 //! sorted), so its cost is the size of that set, not a write per recipient.
 //! It takes its sequence number when it commits, under one lock, and is
 //! delivered by membership (fan-out on read): a drain merges it with the
-//! user's own records by sequence number and writes a two-byte *taken mark*
-//! under `user ‖ bulk id`, in the same sled batch that removes the user's
-//! drained records. Marks do not pile up: once many recipients have taken a
+//! user's own records by sequence number and writes a small *taken mark*
+//! under `user ‖ bulk id`, atomically with removing the user's drained
+//! records: the mark lists them and is written first, one insert that
+//! commits the drain, and recovery finishes removals a crash cut off (a
+//! drain taking several bulk messages writes one sled batch). Marks do not pile up: once many recipients have taken a
 //! record, a background thread rewrites it without them and then removes
 //! their marks; once all have, the record goes too. The live records'
 //! recipient sets are kept in memory (about 2 bytes per integer recipient,

@@ -32,7 +32,9 @@ enum StoredMessage {
         text: String,
     },
     Shared,
-    Taken,
+    Taken {
+        removed: Vec<u64>,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -54,8 +56,10 @@ pub(crate) enum Record {
     /// The text is the shared text whose id is the key's sequence number.
     Shared,
     /// A taken mark: the user has taken the bulk record whose id is the
-    /// key's sequence number.
-    Taken,
+    /// key's sequence number, in a drain that also removed the user's
+    /// records with these sequence numbers (the mark is written first and
+    /// commits the drain; recovery finishes removals a crash cut off).
+    Taken { removed: Vec<u64> },
 }
 
 /// A decoded shared text.
@@ -130,13 +134,15 @@ pub(crate) fn decode_record(bytes: &[u8]) -> Result<Record, String> {
             text,
         },
         StoredMessage::Shared => Record::Shared,
-        StoredMessage::Taken => Record::Taken,
+        StoredMessage::Taken { removed } => Record::Taken { removed },
     })
 }
 
-/// The value of a taken mark.
-pub(crate) fn encode_taken() -> Vec<u8> {
-    encode(&StoredMessage::Taken)
+/// The value of a taken mark, listing the records its drain removes.
+pub(crate) fn encode_taken(removed: &[u64]) -> Vec<u8> {
+    encode(&StoredMessage::Taken {
+        removed: removed.to_vec(),
+    })
 }
 
 #[derive(Serialize, Deserialize)]
@@ -259,7 +265,12 @@ mod tests {
             })
         );
         assert_eq!(decode_record(&encode_shared()), Ok(Record::Shared));
-        assert_eq!(decode_record(&encode_taken()), Ok(Record::Taken));
+        assert_eq!(
+            decode_record(&encode_taken(&[3, 9])),
+            Ok(Record::Taken {
+                removed: vec![3, 9]
+            })
+        );
         let mut recipients = Recipients::default();
         for user in [
             crate::UserId::Int(3),

@@ -421,3 +421,54 @@ impl Drain {
         }
     }
 }
+
+/// A drain that takes a bulk message commits with one write, its taken
+/// mark, which lists the user's records it removes: a crash after the mark
+/// and before the removals must not deliver those records again.
+#[test]
+fn a_drain_cut_off_after_its_mark_is_finished_at_open() -> Result<()> {
+    let dir = TestDir::new();
+    {
+        let store = dir.open()?;
+        store.info(1_u64, "direct before")?;
+        store.message_users(many_ints(), "bulk", Level::Info)?;
+        store.info(1_u64, "direct after")?;
+    }
+    let user_records = || -> Vec<(sled::IVec, sled::IVec)> {
+        let db = raw_db(&dir.store_path());
+        let tree = db.open_tree("messages").expect("messages tree");
+        let mut prefix = vec![1_u8];
+        prefix.extend_from_slice(&1_u64.to_be_bytes());
+        tree.scan_prefix(prefix)
+            .map(|r| r.expect("readable"))
+            .collect()
+    };
+    let before = user_records();
+    assert_eq!(before.len(), 2, "two direct records");
+    {
+        let store = dir.open()?;
+        assert_eq!(
+            texts(&store.get_messages(1_u64)?),
+            ["direct before", "bulk", "direct after"]
+        );
+    }
+    assert_eq!(user_records().len(), 1, "only the taken mark is left");
+    // The state a crash between the mark and the removals leaves.
+    {
+        let db = raw_db(&dir.store_path());
+        let tree = db.open_tree("messages").expect("messages tree");
+        for (key, value) in &before {
+            tree.insert(key, value).expect("insert");
+        }
+        db.flush().expect("flush");
+    }
+    let store = dir.open()?;
+    assert!(
+        store.get_messages(1_u64)?.is_empty(),
+        "a committed drain came back"
+    );
+    assert!(store.peek(1_u64)?.is_empty());
+    drop(store);
+    assert_eq!(user_records().len(), 1, "the removals were finished");
+    Ok(())
+}
