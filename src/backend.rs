@@ -549,8 +549,8 @@ pub(crate) fn parse_clean_mark(bytes: &[u8]) -> Option<RecordCounts> {
     })
 }
 
-/// Makes a rename or removal in `dir` durable.
-fn sync_dir(dir: &Path) -> Result<()> {
+/// Makes a creation, rename or removal in `dir` durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     std::fs::File::open(dir)
         .and_then(|dir| dir.sync_all())
         .map_err(|e| io_error(dir, e))

@@ -147,7 +147,18 @@ impl Builder {
         if path.exists() && !path.is_dir() {
             return Err(Error::NotADirectory { path });
         }
+        // A directory created here must survive a power loss too: its name
+        // lives in its parent, which needs an fsync of its own.
+        let created: Vec<PathBuf> = path
+            .ancestors()
+            .take_while(|dir| !dir.as_os_str().is_empty() && !dir.exists())
+            .map(Path::to_path_buf)
+            .collect();
         std::fs::create_dir_all(&path).map_err(|e| crate::backend::io_error(&path, e))?;
+        for dir in &created {
+            let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+            crate::backend::sync_dir(parent.unwrap_or(Path::new(".")))?;
+        }
         let canonical =
             std::fs::canonicalize(&path).map_err(|e| crate::backend::io_error(&path, e))?;
         let registration = Registration::new(canonical)
