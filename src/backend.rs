@@ -30,6 +30,8 @@ pub(crate) struct OpenOptions<'a> {
     pub(crate) flush_every: Option<Duration>,
     pub(crate) lock_timeout: Duration,
     pub(crate) disk_reserve: u64,
+    /// Test-only: leave out the `fdatasync` in `flush`.
+    pub(crate) skip_fdatasync: bool,
 }
 
 #[derive(Clone)]
@@ -43,6 +45,8 @@ pub(crate) struct Backend {
     disk_reserve: u64,
     /// sled's log file, for the `fdatasync` sled leaves out (see `flush`).
     log_file: Arc<std::fs::File>,
+    /// Test-only: `flush` leaves out that `fdatasync`.
+    skip_fdatasync: bool,
     /// Set when a flush failed: sled cannot recover from that while open.
     poisoned: Arc<std::sync::atomic::AtomicBool>,
     /// The last free-space reading and when it was taken.
@@ -177,6 +181,7 @@ impl Backend {
             log_file: Arc::new(
                 std::fs::File::open(path.join("db")).map_err(|e| io_error(path, e))?,
             ),
+            skip_fdatasync: options.skip_fdatasync,
             poisoned: Arc::default(),
             free_space: Arc::new(Mutex::new(None)),
             db: db.clone(),
@@ -430,6 +435,9 @@ impl Backend {
     pub(crate) fn flush(&self) -> Result<()> {
         self.check_poisoned()?;
         self.db.flush().map_err(|e| self.err(e))?;
+        if self.skip_fdatasync {
+            return Ok(());
+        }
         self.log_file.sync_data().map_err(|e| {
             self.poisoned
                 .store(true, std::sync::atomic::Ordering::Release);

@@ -48,6 +48,7 @@ pub struct Builder {
     lock_timeout: Duration,
     index_slots: usize,
     disk_reserve: u64,
+    skip_fdatasync: bool,
 }
 
 impl Default for Builder {
@@ -61,6 +62,7 @@ impl Default for Builder {
             lock_timeout: Duration::from_secs(2),
             index_slots: 1 << 20,
             disk_reserve: 8 << 20,
+            skip_fdatasync: false,
         }
     }
 }
@@ -131,6 +133,16 @@ impl Builder {
         self
     }
 
+    /// For tests only: `true` leaves out the `fdatasync` of sled's log
+    /// after each flush, which breaks the power-loss promise of
+    /// [`Durability::Immediate`]. `tests/power_loss.rs` uses it to show that
+    /// its check catches a store that does not sync. Default: `false`.
+    #[doc(hidden)]
+    pub fn unsafe_skip_fdatasync_for_tests(mut self, skip: bool) -> Self {
+        self.skip_fdatasync = skip;
+        self
+    }
+
     /// Opens the store, creating it if needed, and recovers from any crash:
     /// a bulk send that did not finish is rolled back, and records whose key
     /// is damaged are moved to quarantine (see [`MessageStore::quarantined`]).
@@ -172,6 +184,7 @@ impl Builder {
             },
             lock_timeout: self.lock_timeout,
             disk_reserve: self.disk_reserve,
+            skip_fdatasync: self.skip_fdatasync,
         })?;
         let commit = match self.durability {
             Durability::Immediate => {
