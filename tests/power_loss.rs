@@ -23,7 +23,8 @@
 //!
 //! ```text
 //! send T SEQ USER          sent T SEQ ID
-//! bulk T SEQ USER,USER..   bulked T SEQ ID
+//! bulk T SEQ USER,USER..   bulked T SEQ ID     (up to 5 users, or `all`: 300,
+//!                                              one bulk record)
 //! draining T USER          drained T USER ID:TEXT ID:TEXT ...
 //! closing (waits for a line on stdin, then drops the store)   closed
 //! ```
@@ -56,7 +57,12 @@ const ROLE_ENV: &str = "ASYNC_MESSAGES_POWER_ROLE";
 const CYCLES_ENV: &str = "ASYNC_MESSAGES_POWER_CYCLES";
 /// Sending and draining threads in the child.
 const THREADS: usize = 3;
+/// Users that get single and small bulk sends and are drained by the child.
 const USERS: usize = 16;
+/// A large bulk send goes to all of these: above the 256 recipients from
+/// which a bulk send is one record. Those past `USERS` get nothing else and
+/// are drained only by the parent.
+const ALL_USERS: usize = 300;
 
 /// Integer and string users.
 fn user(index: usize) -> UserId {
@@ -191,8 +197,8 @@ fn power_child() {
                 let mut rng = Rng::new(seed ^ (thread as u64 + 1).wrapping_mul(0x9e37_79b9));
                 let mut seq = 0_u64;
                 loop {
-                    let roll = rng.below(100);
-                    if roll < 60 {
+                    let roll = rng.below(1000);
+                    if roll < 600 {
                         seq += 1;
                         let to = rng.below(USERS as u64) as usize;
                         say(format!("send {thread} {seq} {to}"));
@@ -203,16 +209,22 @@ fn power_child() {
                             }
                             Err(e) => fail("send", e),
                         }
-                    } else if roll < 70 {
+                    } else if roll < 702 {
                         seq += 1;
-                        let mut to: Vec<usize> = (0..USERS).collect();
-                        for i in 0..to.len() {
-                            let j = i + rng.below((to.len() - i) as u64) as usize;
-                            to.swap(i, j);
-                        }
-                        to.truncate(1 + rng.below(5) as usize);
-                        let list: Vec<String> = to.iter().map(usize::to_string).collect();
-                        say(format!("bulk {thread} {seq} {}", list.join(",")));
+                        let to: Vec<usize> = if roll < 700 {
+                            let mut to: Vec<usize> = (0..USERS).collect();
+                            for i in 0..to.len() {
+                                let j = i + rng.below((to.len() - i) as u64) as usize;
+                                to.swap(i, j);
+                            }
+                            to.truncate(1 + rng.below(5) as usize);
+                            let list: Vec<String> = to.iter().map(usize::to_string).collect();
+                            say(format!("bulk {thread} {seq} {}", list.join(",")));
+                            to
+                        } else {
+                            say(format!("bulk {thread} {seq} all"));
+                            (0..ALL_USERS).collect()
+                        };
                         let text = format!("c{cycle}.t{thread}.s{seq}");
                         match store.message_users(to.iter().map(|u| user(*u)), text, Level::Info) {
                             Ok(sent) => say(format!(
@@ -438,12 +450,14 @@ fn parse_output(cycle: u64, lines: &[String]) -> Output {
             "ready" => out.ready = true,
             "closed" => out.closed = true,
             "send" | "bulk" => {
-                let users = words
-                    .get(3)
-                    .unwrap_or_else(|| panic!("bad line {line:?}"))
-                    .split(',')
-                    .map(|u| u.parse().unwrap_or_else(|_| panic!("bad line {line:?}")))
-                    .collect();
+                let users = match words.get(3) {
+                    Some(&"all") => (0..ALL_USERS).collect(),
+                    Some(list) => list
+                        .split(',')
+                        .map(|u| u.parse().unwrap_or_else(|_| panic!("bad line {line:?}")))
+                        .collect(),
+                    None => panic!("bad line {line:?}"),
+                };
                 let key = (cycle, num(1), num(2));
                 out.intents.insert(
                     key,
@@ -535,6 +549,8 @@ struct World {
     cycles: u64,
     cut_in_start_up: u64,
     acked_sends: u64,
+    /// Of which large bulk sends (one bulk record).
+    acked_large_bulks: u64,
     acked_drains: u64,
     unacked_survived: u64,
     unacked_lost: u64,
@@ -544,7 +560,7 @@ struct World {
 impl World {
     fn new() -> World {
         World {
-            queues: vec![Vec::new(); USERS],
+            queues: vec![Vec::new(); ALL_USERS],
             ..World::default()
         }
     }
@@ -619,7 +635,10 @@ impl World {
         }
         for (key, intent) in &out.intents {
             match (intent.acked, seen_anywhere.contains(key)) {
-                (true, _) => self.acked_sends += 1,
+                (true, _) => {
+                    self.acked_sends += 1;
+                    self.acked_large_bulks += u64::from(intent.users.len() == ALL_USERS);
+                }
                 (false, true) => self.unacked_survived += 1,
                 (false, false) => self.unacked_lost += 1,
             }
@@ -636,7 +655,7 @@ impl World {
 
 /// Each user's queue, as keys.
 fn read_queues(store: &MessageStore) -> Vec<Vec<Key>> {
-    (0..USERS)
+    (0..ALL_USERS)
         .map(|u| {
             store
                 .peek(user(u))
@@ -731,9 +750,11 @@ fn power_loss_loop(
         if !broken.is_empty() {
             return Err(format!("seed {seed}, cycle {cycle}: {}", broken.describe()));
         }
-        // Now and then the parent drains a few users: those must not come back either.
-        for u in 0..USERS {
-            if rng.below(4) == 0 {
+        // Now and then the parent drains a few users: those must not come
+        // back either. It drains the users only large bulk sends reach at
+        // every cycle, so that bulk records are taken by all and removed.
+        for u in 0..ALL_USERS {
+            if u >= USERS || rng.below(4) == 0 {
                 let got: Vec<Key> = store
                     .get_messages(user(u))
                     .expect("drain after the cut")
@@ -768,11 +789,12 @@ fn run_power_loss(cycles: u64) {
     let counts = fs.counts();
     let queued: usize = world.queues.iter().map(Vec::len).sum();
     println!(
-        "power loss: {} cycles in {:.1} s ({} cut during start-up); {} acknowledged sends, {} acknowledged drains (non-empty), {} messages delivered, {queued} still queued, lost 0; unacknowledged sends: {} survived, {} lost; {} messages taken by drains cut off by the cut; {} file syncs, {} directory syncs",
+        "power loss: {} cycles in {:.1} s ({} cut during start-up); {} acknowledged sends ({} of them to {ALL_USERS} users: one bulk record), {} acknowledged drains (non-empty), {} messages delivered, {queued} still queued, lost 0; unacknowledged sends: {} survived, {} lost; {} messages taken by drains cut off by the cut; {} file syncs, {} directory syncs",
         world.cycles,
         started.elapsed().as_secs_f64(),
         world.cut_in_start_up,
         world.acked_sends,
+        world.acked_large_bulks,
         world.acked_drains,
         world.delivered.len(),
         world.unacked_survived,
@@ -789,6 +811,7 @@ fn run_power_loss(cycles: u64) {
         "the child did too little to prove anything"
     );
     assert!(world.acked_drains > 0, "no acknowledged drain to check");
+    assert!(world.acked_large_bulks > 0, "no large bulk send to check");
 }
 
 #[test]
