@@ -914,8 +914,9 @@ struct CloseCuts {
 }
 
 /// Cuts the power at every point of a clean close (after 0, 1, 2, …
-/// changes: the flush, the mark's temporary file, its fsync, its rename, the
-/// directory fsync, sled's own close), then once after the close finished.
+/// changes: the store's fdatasync; the mark's temporary file created,
+/// written, fsynced and renamed; the directory fsync; sled's own fsync as it
+/// closes), then once after the close finished.
 /// After each cut the store must open (no `Error::DataLoss` from the
 /// clean-close mark over records that are there) and hold every
 /// acknowledged send. Problems are counted, not fatal: after a `DataLoss`
