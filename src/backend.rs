@@ -51,6 +51,9 @@ pub(crate) struct Backend {
     poisoned: Arc<std::sync::atomic::AtomicBool>,
     /// The last free-space reading and when it was taken.
     free_space: Arc<Mutex<Option<(Instant, u64)>>>,
+    /// Held by each flush: the group commit's leader, the maintenance
+    /// thread and `MessageStore::flush` never run sled's flush at once.
+    flush_lock: Arc<Mutex<()>>,
 }
 
 /// A record that could not be decoded, moved aside by the store.
@@ -184,6 +187,7 @@ impl Backend {
             skip_fdatasync: options.skip_fdatasync,
             poisoned: Arc::default(),
             free_space: Arc::new(Mutex::new(None)),
+            flush_lock: Arc::default(),
             db: db.clone(),
         };
         backend.check_format(&tree("meta")?)?;
@@ -433,6 +437,7 @@ impl Backend {
     /// power loss "flushed" data can still be lost. An `fdatasync` of the log
     /// file after sled's flush closes that gap.
     pub(crate) fn flush(&self) -> Result<()> {
+        let _one_at_a_time = self.flush_lock.lock();
         self.check_poisoned()?;
         self.db.flush().map_err(|e| self.err(e))?;
         if self.skip_fdatasync {
