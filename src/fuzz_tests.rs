@@ -10,6 +10,24 @@ use crate::backend::{
 use crate::key::{self, decode_user, split_key, split_text_key};
 use crate::record::{self, Record, decode_format, decode_record, decode_text};
 
+/// Damages valid bytes: `how` 0 leaves them, 1 overwrites the byte at
+/// `index` (wrapped) with `byte` (flipped if equal), 2 cuts them there, 3
+/// inserts `byte` there.
+fn damage(mut bytes: Vec<u8>, index: usize, byte: u8, how: u8) -> Vec<u8> {
+    if bytes.is_empty() {
+        return bytes;
+    }
+    let i = index % bytes.len();
+    match how {
+        0 => {}
+        1 if bytes[i] == byte => bytes[i] ^= 1,
+        1 => bytes[i] = byte,
+        2 => bytes.truncate(i),
+        _ => bytes.insert(i, byte),
+    }
+    bytes
+}
+
 /// Bytes that look like records: a plausible version byte, then anything.
 fn record_like() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
@@ -30,14 +48,12 @@ fn record_like() -> impl Strategy<Value = Vec<u8>> {
         )
             .prop_map(|(level, text, at, index, byte, how)| {
                 let level = crate::Level::from_value(level).unwrap_or(crate::Level::Info);
-                let mut bytes = record::encode_inline(level, at, &text);
-                let i = index % bytes.len();
-                match how {
-                    0 => bytes[i] = byte,
-                    1 => bytes.truncate(i),
-                    _ => bytes.push(byte),
-                }
-                bytes
+                damage(
+                    record::encode_inline(level, at, &text),
+                    index,
+                    byte,
+                    how + 1,
+                )
             }),
     ]
 }
@@ -120,15 +136,8 @@ fn bulk_like() -> impl Strategy<Value = Vec<u8>> {
                 recipients.push(crate::UserId::Str(name));
             }
             recipients.seal();
-            let mut bytes = record::encode_bulk(crate::Level::Info, 1, "hello", &recipients);
-            let at = usize::from(at) % bytes.len();
-            match how {
-                0 => {}
-                1 => bytes[at] ^= bits | 1,
-                2 => bytes.truncate(at),
-                _ => bytes.insert(at, bits),
-            }
-            bytes
+            let bytes = record::encode_bulk(crate::Level::Info, 1, "hello", &recipients);
+            damage(bytes, usize::from(at), bits, how)
         })
 }
 
@@ -165,14 +174,7 @@ fn quarantine_like() -> impl Strategy<Value = Vec<u8>> {
                 bincode::serde::encode_to_vec(&fields, bincode::config::standard())
                     .unwrap_or_default(),
             );
-            let i = index % bytes.len();
-            match how {
-                0 => {}
-                1 => bytes[i] = byte,
-                2 => bytes.truncate(i),
-                _ => bytes.insert(i, byte),
-            }
-            bytes
+            damage(bytes, index, byte, how)
         }),
     ]
 }
@@ -195,15 +197,7 @@ fn clean_mark_like() -> impl Strategy<Value = Vec<u8>> {
                     texts,
                     bulk,
                 };
-                let mut bytes = clean_mark_text(counts).into_bytes();
-                let i = index % bytes.len();
-                match how {
-                    0 => {}
-                    1 => bytes[i] = byte,
-                    2 => bytes.truncate(i),
-                    _ => bytes.insert(i, byte),
-                }
-                bytes
+                damage(clean_mark_text(counts).into_bytes(), index, byte, how)
             }),
     ]
 }

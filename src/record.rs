@@ -85,7 +85,8 @@ fn encode<T: Serialize>(body: &T) -> Vec<u8> {
     out
 }
 
-fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+/// The body after a format version byte this library reads.
+fn body(bytes: &[u8]) -> Result<&[u8], String> {
     let (&version, body) = bytes
         .split_first()
         .ok_or_else(|| "the record is empty".to_owned())?;
@@ -94,6 +95,11 @@ fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
             "format version {version}, but this library reads versions 1 to {FORMAT_VERSION}"
         ));
     }
+    Ok(body)
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    let body = body(bytes)?;
     let (value, used) = bincode::serde::decode_from_slice::<T, _>(body, config())
         .map_err(|e| format!("the record does not decode: {e}"))?;
     if used != body.len() {
@@ -184,14 +190,7 @@ pub(crate) fn encode_bulk(
 }
 
 pub(crate) fn decode_bulk(bytes: &[u8]) -> Result<BulkRecord, String> {
-    let (&version, body) = bytes
-        .split_first()
-        .ok_or_else(|| "the record is empty".to_owned())?;
-    if version == 0 || version > FORMAT_VERSION {
-        return Err(format!(
-            "format version {version}, but this library reads versions 1 to {FORMAT_VERSION}"
-        ));
-    }
+    let body = body(bytes)?;
     let (header, used) = bincode::serde::decode_from_slice::<BulkHeader, _>(body, config())
         .map_err(|e| format!("the bulk record does not decode: {e}"))?;
     let mut rest = body.get(used..).unwrap_or_default();
