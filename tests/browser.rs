@@ -21,7 +21,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use async_messages::{Level, MessageStore};
 use serde_json::{Value, json};
 
 type TestResult<T = ()> = Result<T, Box<dyn Error>>;
@@ -283,21 +282,9 @@ fn chromium_logs_in_sends_and_sees_the_message_once() -> TestResult {
     };
 
     // The demo app on a free port, with its own store.
-    let dir = tempfile::Builder::new()
-        .prefix("async-messages-browser-")
-        .tempdir()?;
-    let store = MessageStore::builder()
-        .path(dir.path().join("store"))
-        .min_level(Level::Debug)
-        .open()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
-    let site = format!("http://{}", listener.local_addr()?);
-    let app = web_demo::app(store.clone());
-    runtime.spawn(async move { axum::serve(listener, app).await });
+    let served = common::web::serve("async-messages-browser-", web_demo::app)?;
+    let site = format!("http://{}", served.addr);
+    let (store, dir) = (&served.store, &served.dir);
 
     let driver = Driver::start(&chromedriver)?;
     let profile = dir.path().join("chromium-profile");

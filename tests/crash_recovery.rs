@@ -47,13 +47,10 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use async_messages::{Durability, Level, MessageStore, Result, UserId};
+use common::child::{self, Key, Running, Stopped, parse_text, say};
 use common::{Rng, TestDir, seed_from_env};
 
 const DIR_ENV: &str = "ASYNC_MESSAGES_CRASH_DIR";
@@ -125,13 +122,6 @@ fn crash_child() {
     };
     let cycle: u64 = cycle.parse().expect("cycle number");
     let seed: u64 = seed.parse().expect("seed");
-    let out = Mutex::new(std::io::stdout());
-    let say = |line: String| {
-        let mut out = out.lock().expect("stdout lock");
-        out.write_all(line.as_bytes()).expect("write stdout");
-        out.write_all(b"\n").expect("write stdout");
-        out.flush().expect("flush stdout");
-    };
     // A store that does not keep its durability promise, to show that this
     // test catches one (see `the_check_catches_lost_acknowledged_writes`).
     let mut builder = MessageStore::builder().path(&dir);
@@ -150,7 +140,6 @@ fn crash_child() {
     std::thread::scope(|scope| {
         for thread in 0..THREADS {
             let store = store.clone();
-            let say = &say;
             scope.spawn(move || {
                 let mut rng = Rng::new(seed ^ (thread as u64 + 1).wrapping_mul(0x9e37_79b9));
                 let started = Instant::now();
@@ -163,11 +152,7 @@ fn crash_child() {
                         let to = rng.below(USERS as u64) as usize;
                         say(format!("send {thread} {seq} {to}"));
                         store
-                            .message_user(
-                                user(to),
-                                format!("c{cycle}.t{thread}.s{seq}"),
-                                Level::Info,
-                            )
+                            .message_user(user(to), child::text(cycle, thread, seq), Level::Info)
                             .map(|id| {
                                 say(format!("sent {thread} {seq} {}", id.expect("stored").get()))
                             })
@@ -179,7 +164,7 @@ fn crash_child() {
                         store
                             .message_users(
                                 (0..USERS).map(user).chain(BIG_USERS.map(UserId::Int)),
-                                format!("c{cycle}.t{thread}.s{seq}"),
+                                child::text(cycle, thread, seq),
                                 Level::Info,
                             )
                             .map(|sent| {
@@ -190,18 +175,13 @@ fn crash_child() {
                             })
                     } else if roll < 65 {
                         seq += 1;
-                        let mut to: Vec<usize> = (0..USERS).collect();
-                        for i in 0..to.len() {
-                            let j = i + rng.below((to.len() - i) as u64) as usize;
-                            to.swap(i, j);
-                        }
-                        to.truncate(1 + rng.below(6) as usize);
+                        let to = rng.some_of(USERS, 6);
                         let list: Vec<String> = to.iter().map(usize::to_string).collect();
                         say(format!("bulk {thread} {seq} {}", list.join(",")));
                         store
                             .message_users(
                                 to.iter().map(|u| user(*u)),
-                                format!("c{cycle}.t{thread}.s{seq}"),
+                                child::text(cycle, thread, seq),
                                 Level::Info,
                             )
                             .map(|sent| {
@@ -214,15 +194,7 @@ fn crash_child() {
                         let mine: Vec<usize> = (0..USERS).filter(|u| owner(*u) == thread).collect();
                         let from = mine[rng.below(mine.len() as u64) as usize];
                         let show = |messages: &[async_messages::Message]| {
-                            let mut line = format!("drained {thread} {from}");
-                            for message in messages {
-                                line.push_str(&format!(
-                                    " {}:{}",
-                                    message.id().get(),
-                                    message.text()
-                                ));
-                            }
-                            say(line);
+                            say(child::drained_line(thread, from, messages))
                         };
                         if rng.below(3) == 0 {
                             // A lease hides the messages but removes nothing:
@@ -260,17 +232,6 @@ fn crash_child() {
 }
 
 // --------------------------------------------------------------- the parent
-
-/// A message, named by its text: `(cycle, thread, seq)`.
-type Key = (u64, u64, u64);
-
-fn parse_text(text: &str) -> Option<Key> {
-    let mut parts = text.split('.');
-    let c = parts.next()?.strip_prefix('c')?.parse().ok()?;
-    let t = parts.next()?.strip_prefix('t')?.parse().ok()?;
-    let s = parts.next()?.strip_prefix('s')?.parse().ok()?;
-    parts.next().is_none().then_some((c, t, s))
-}
 
 /// What the child set out to send.
 #[derive(Debug)]
@@ -635,38 +596,6 @@ impl World {
     }
 }
 
-/// Reads the child's stdout on a thread: complete lines go to the channel.
-fn read_lines(child: &mut Child) -> mpsc::Receiver<String> {
-    let stdout = child.stdout.take().expect("piped stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(stdout);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            match reader.read_until(b'\n', &mut line) {
-                // A line cut off by the kill has no newline: not printed.
-                Ok(_) if line.last() == Some(&b'\n') => {
-                    line.pop();
-                    if tx
-                        .send(String::from_utf8_lossy(&line).into_owned())
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-                _ => return,
-            }
-        }
-    });
-    rx
-}
-
-/// The last lines of a child's output, for a failure message.
-fn tail(lines: &[String]) -> &[String] {
-    &lines[lines.len().saturating_sub(20)..]
-}
-
 /// Runs the loop; `Err` describes the first broken promise.
 fn crash_loop(cycles: u64, lax: bool) -> Result<std::result::Result<(), String>> {
     let seed = seed_from_env(SEED_ENV);
@@ -680,58 +609,36 @@ fn crash_loop(cycles: u64, lax: bool) -> Result<std::result::Result<(), String>>
     let mut ready_ms = 50;
     for cycle in 0..cycles {
         let child_seed = rng.next();
-        let mut child = Command::new(std::env::current_exe().expect("test binary path"))
-            .args([
-                "--exact",
-                "crash_child",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
+        let mut command = child::command("crash_child");
+        command
             .env(DIR_ENV, &path)
             .env(CYCLE_ENV, cycle.to_string())
             .env(SEED_ENV, child_seed.to_string())
-            .env(LAX_ENV, if lax { "1" } else { "" })
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn the child");
-        let lines_rx = read_lines(&mut child);
-        let mut lines = Vec::new();
+            .env(LAX_ENV, if lax { "1" } else { "" });
+        let mut child = Running::spawn(command);
         // One cycle in six is killed at a random moment of start-up and
         // recovery; the others while sending and draining.
         let spawned = Instant::now();
         if rng.below(6) == 0 {
             std::thread::sleep(Duration::from_millis(rng.below(ready_ms.max(2))));
         } else {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !lines.iter().any(|l: &String| l == "ready") {
-                match lines_rx.recv_timeout(Duration::from_millis(100)) {
-                    Ok(line) => lines.push(line),
-                    Err(mpsc::RecvTimeoutError::Timeout) => {
-                        assert!(
-                            Instant::now() < deadline,
-                            "cycle {cycle}: the child never opened the store"
-                        );
-                        if let Some(status) = child.try_wait().expect("try_wait") {
-                            panic!(
-                                "cycle {cycle}: the child exited early with {status}: {lines:?}"
-                            );
-                        }
-                    }
-                    Err(mpsc::RecvTimeoutError::Disconnected) => {
-                        panic!(
-                            "cycle {cycle}: the child closed its output: {:?}",
-                            tail(&lines)
-                        )
-                    }
-                }
+            match child.wait_for(|line| line == "ready") {
+                Ok(()) => {}
+                Err(Stopped::Timeout) => panic!("cycle {cycle}: the child never opened the store"),
+                Err(Stopped::Exited(status)) => panic!(
+                    "cycle {cycle}: the child exited early with {status}: {:?}",
+                    child.seen
+                ),
+                Err(Stopped::Closed) => panic!(
+                    "cycle {cycle}: the child closed its output: {:?}",
+                    child::tail(&child.seen)
+                ),
             }
             ready_ms = spawned.elapsed().as_millis() as u64;
             std::thread::sleep(Duration::from_millis(20 + rng.below(250)));
         }
-        child.kill().expect("SIGKILL the child");
-        let status = child.wait().expect("wait for the child");
-        lines.extend(lines_rx.iter());
+        let (status, lines) = child.kill();
+        drop(child);
         {
             use std::os::unix::process::ExitStatusExt;
             if status.signal() != Some(9) {

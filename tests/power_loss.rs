@@ -38,14 +38,14 @@ mod common;
 mod powercut;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{ChildStdin, Stdio};
 use std::sync::Mutex;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use async_messages::{Builder, Durability, Error, Level, MessageStore, UserId};
+use common::child::{self, Key, Running, Stopped, parse_text, say};
 use common::{Rng, seed_from_env};
 use powercut::PowerCutFs;
 
@@ -154,13 +154,6 @@ fn power_child() {
     let cycle: u64 = cycle.parse().expect("cycle number");
     let seed: u64 = seed.parse().expect("seed");
     let mode = Mode::parse(&mode).expect("mode");
-    let out = Mutex::new(std::io::stdout());
-    let say = |line: String| {
-        let mut out = out.lock().expect("stdout lock");
-        out.write_all(line.as_bytes()).expect("write stdout");
-        out.write_all(b"\n").expect("write stdout");
-        out.flush().expect("flush stdout");
-    };
     // After the cut every file operation fails: report it and wait for the kill.
     let fail = |what: &str, error: async_messages::Error| -> ! {
         say(format!("error {what}: {error}"));
@@ -190,7 +183,7 @@ fn power_child() {
     std::thread::scope(|scope| {
         for thread in 0..THREADS {
             let store = store.clone();
-            let (say, fail) = (&say, &fail);
+            let fail = &fail;
             scope.spawn(move || {
                 let mut rng = Rng::new(seed ^ (thread as u64 + 1).wrapping_mul(0x9e37_79b9));
                 let mut seq = 0_u64;
@@ -200,7 +193,7 @@ fn power_child() {
                         seq += 1;
                         let to = rng.below(USERS as u64) as usize;
                         say(format!("send {thread} {seq} {to}"));
-                        let text = format!("c{cycle}.t{thread}.s{seq}");
+                        let text = child::text(cycle, thread, seq);
                         match store.message_user(user(to), text, Level::Info) {
                             Ok(id) => {
                                 say(format!("sent {thread} {seq} {}", id.expect("stored").get()))
@@ -210,12 +203,7 @@ fn power_child() {
                     } else if roll < 702 {
                         seq += 1;
                         let to: Vec<usize> = if roll < 700 {
-                            let mut to: Vec<usize> = (0..USERS).collect();
-                            for i in 0..to.len() {
-                                let j = i + rng.below((to.len() - i) as u64) as usize;
-                                to.swap(i, j);
-                            }
-                            to.truncate(1 + rng.below(5) as usize);
+                            let to = rng.some_of(USERS, 5);
                             let list: Vec<String> = to.iter().map(usize::to_string).collect();
                             say(format!("bulk {thread} {seq} {}", list.join(",")));
                             to
@@ -223,7 +211,7 @@ fn power_child() {
                             say(format!("bulk {thread} {seq} all"));
                             (0..ALL_USERS).collect()
                         };
-                        let text = format!("c{cycle}.t{thread}.s{seq}");
+                        let text = child::text(cycle, thread, seq);
                         match store.message_users(to.iter().map(|u| user(*u)), text, Level::Info) {
                             Ok(sent) => say(format!(
                                 "bulked {thread} {seq} {}",
@@ -236,17 +224,7 @@ fn power_child() {
                         let from = mine[rng.below(mine.len() as u64) as usize];
                         say(format!("draining {thread} {from}"));
                         match store.get_messages(user(from)) {
-                            Ok(messages) => {
-                                let mut line = format!("drained {thread} {from}");
-                                for message in &messages {
-                                    line.push_str(&format!(
-                                        " {}:{}",
-                                        message.id().get(),
-                                        message.text()
-                                    ));
-                                }
-                                say(line);
-                            }
+                            Ok(messages) => say(child::drained_line(thread, from, &messages)),
                             Err(e) => fail("drain", e),
                         }
                     }
@@ -258,11 +236,8 @@ fn power_child() {
 
 /// A running child, with its output read on a thread; killed when dropped.
 struct ChildProcess {
-    child: Child,
+    running: Running,
     stdin: Option<ChildStdin>,
-    lines: mpsc::Receiver<String>,
-    /// The complete lines read so far.
-    seen: Vec<String>,
     /// Its standard error (sled's threads panic on the cut's `EIO`): shown
     /// only when the child fails.
     stderr: std::sync::Arc<Mutex<Vec<u8>>>,
@@ -270,26 +245,18 @@ struct ChildProcess {
 
 impl ChildProcess {
     fn spawn(path: &Path, cycle: u64, seed: u64, mode: Mode, role: &str) -> ChildProcess {
-        let mut child = Command::new(std::env::current_exe().expect("test binary path"))
-            .args([
-                "--exact",
-                "power_child",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
+        let mut command = child::command("power_child");
+        command
             .env(DIR_ENV, path)
             .env(CYCLE_ENV, cycle.to_string())
             .env(SEED_ENV, seed.to_string())
             .env(MODE_ENV, mode.name())
             .env(ROLE_ENV, role)
             .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the child");
+            .stderr(Stdio::piped());
+        let mut running = Running::spawn(command);
         let stderr = std::sync::Arc::new(Mutex::new(Vec::new()));
-        let mut pipe = child.stderr.take().expect("piped stderr");
+        let mut pipe = running.child.stderr.take().expect("piped stderr");
         let sink = stderr.clone();
         std::thread::spawn(move || {
             let mut buffer = [0; 4096];
@@ -299,72 +266,41 @@ impl ChildProcess {
                     .extend_from_slice(&buffer[..n]);
             }
         });
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                match reader.read_until(b'\n', &mut line) {
-                    // A line cut off by the kill has no newline: not printed.
-                    Ok(_) if line.last() == Some(&b'\n') => {
-                        line.pop();
-                        if tx
-                            .send(String::from_utf8_lossy(&line).into_owned())
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                    _ => return,
-                }
-            }
-        });
         ChildProcess {
-            stdin: child.stdin.take(),
-            child,
-            lines,
-            seen: Vec::new(),
+            stdin: running.child.stdin.take(),
+            running,
             stderr,
         }
+    }
+
+    /// The complete lines read so far.
+    fn seen(&self) -> &[String] {
+        &self.running.seen
     }
 
     /// Waits for a line that `want` accepts; panics if the child fails,
     /// exits or takes over a minute.
     fn wait_for(&mut self, what: &str, want: impl Fn(&str) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            match self.lines.recv_timeout(Duration::from_millis(100)) {
-                Ok(line) => {
-                    let found = want(&line);
-                    let error = line.starts_with("error");
-                    self.seen.push(line);
-                    assert!(!error, "the child failed before the cut: {}", self.tail());
-                    if found {
-                        return;
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    assert!(
-                        Instant::now() < deadline,
-                        "no {what} from the child in 60 s: {}",
-                        self.tail()
-                    );
-                    if let Some(status) = self.child.try_wait().expect("try_wait") {
-                        panic!("the child exited with {status}: {}", self.tail());
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    panic!("the child closed its output: {}", self.tail())
-                }
+        let waited = self
+            .running
+            .wait_for(|line| line.starts_with("error") || want(line));
+        match waited {
+            Ok(()) => assert!(
+                !self.seen().last().is_some_and(|l| l.starts_with("error")),
+                "the child failed before the cut: {}",
+                self.tail()
+            ),
+            Err(Stopped::Timeout) => panic!("no {what} from the child in 60 s: {}", self.tail()),
+            Err(Stopped::Exited(status)) => {
+                panic!("the child exited with {status}: {}", self.tail())
             }
+            Err(Stopped::Closed) => panic!("the child closed its output: {}", self.tail()),
         }
     }
 
     /// Moves the lines read so far into `seen`.
     fn poll(&mut self) {
-        self.seen.extend(self.lines.try_iter());
+        self.running.poll();
     }
 
     fn send_line(&mut self, line: &str) {
@@ -375,10 +311,7 @@ impl ChildProcess {
 
     /// SIGKILL; returns every complete line the child printed.
     fn kill(&mut self) -> Vec<String> {
-        let _ = self.child.kill();
-        self.child.wait().expect("wait for the child");
-        self.seen.extend(self.lines.iter());
-        std::mem::take(&mut self.seen)
+        self.running.kill().1
     }
 
     /// The last lines of its output and of its standard error.
@@ -388,31 +321,13 @@ impl ChildProcess {
         let stderr: Vec<&str> = stderr.lines().collect();
         format!(
             "output {:?}, stderr {:?}",
-            &self.seen[self.seen.len().saturating_sub(20)..],
+            child::tail(self.seen()),
             &stderr[stderr.len().saturating_sub(20)..]
         )
     }
 }
 
-impl Drop for ChildProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 // --------------------------------------------------------------- the parent
-
-/// A message, named by its text: `(cycle, thread, seq)`.
-type Key = (u64, u64, u64);
-
-fn parse_text(text: &str) -> Option<Key> {
-    let mut parts = text.split('.');
-    let c = parts.next()?.strip_prefix('c')?.parse().ok()?;
-    let t = parts.next()?.strip_prefix('t')?.parse().ok()?;
-    let s = parts.next()?.strip_prefix('s')?.parse().ok()?;
-    parts.next().is_none().then_some((c, t, s))
-}
 
 /// What the child set out to send.
 struct Intent {
@@ -713,7 +628,7 @@ fn power_loss_loop(
             }),
         }
         child.poll();
-        if let Some(error) = child.seen.iter().find(|l| l.starts_with("error")) {
+        if let Some(error) = child.seen().iter().find(|l| l.starts_with("error")) {
             panic!(
                 "cycle {cycle}: the child failed before the cut: {error}; {}",
                 child.tail()
@@ -941,7 +856,7 @@ fn cuts_during_close(fs: &mut PowerCutFs, mode: Mode) -> CloseCuts {
             assert!(Instant::now() < deadline, "the close took over 30 s");
             std::thread::sleep(Duration::from_millis(1));
             child.poll();
-            closed = child.seen.iter().any(|line| line == "closed");
+            closed = child.seen().iter().any(|line| line == "closed");
         }
         // sled's threads may still write for a moment after the close returned.
         std::thread::sleep(Duration::from_millis(20));

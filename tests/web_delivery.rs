@@ -2,71 +2,44 @@
 //! 127.0.0.1, driven by a client that carries the session cookie.
 #![cfg(feature = "axum")]
 
+mod common;
 mod web_client;
 #[allow(dead_code)] // `main` and helpers the tests do not call.
 #[path = "../examples/web_demo.rs"]
 mod web_demo;
 
 use std::error::Error;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use async_messages::{DeliveryMode, Level, MessageStore};
+use async_messages::DeliveryMode;
+use common::web::Served;
 use web_client::{Client, Response};
 
 type TestResult = Result<(), Box<dyn Error>>;
 
-/// The demo app on a free port, with its own store in its own temp dir.
-struct Server {
-    addr: SocketAddr,
-    store: MessageStore,
-    // Dropped in this order: the server stops, then the directory goes.
-    _runtime: tokio::runtime::Runtime,
-    _dir: tempfile::TempDir,
+/// The demo app in `mode` on a free port, with its own store.
+fn start(mode: DeliveryMode) -> Result<Served, Box<dyn Error>> {
+    common::web::serve("async-messages-web-", |store| {
+        web_demo::app_with_mode(store, mode)
+    })
 }
 
-impl Server {
-    fn start(mode: DeliveryMode) -> Result<Server, Box<dyn Error>> {
-        let dir = tempfile::Builder::new()
-            .prefix("async-messages-web-")
-            .tempdir()?;
-        let store = MessageStore::builder()
-            .path(dir.path().join("store"))
-            .min_level(Level::Debug)
-            .open()?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
-        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
-        let addr = listener.local_addr()?;
-        let app = web_demo::app_with_mode(store.clone(), mode);
-        runtime.spawn(async move { axum::serve(listener, app).await });
-        Ok(Server {
-            addr,
-            store,
-            _runtime: runtime,
-            _dir: dir,
-        })
-    }
-
-    /// A client logged in as `user`.
-    fn login(&self, user: &str) -> Result<Client, Box<dyn Error>> {
-        let mut client = Client::new(self.addr);
-        let response = client.post_form("/login", &[("user", user)])?;
-        assert_eq!(response.status, 303, "login: {response:?}");
-        assert!(
-            response.header("set-cookie").is_some(),
-            "login sets a cookie"
-        );
-        let page = client.page("/")?;
-        assert!(
-            page.body.contains(&format!("Logged in as <b>{user}</b>")),
-            "the cookie identifies {user}: {}",
-            page.body
-        );
-        Ok(client)
-    }
+/// A client of `server` logged in as `user`.
+fn login(server: &Served, user: &str) -> Result<Client, Box<dyn Error>> {
+    let mut client = Client::new(server.addr);
+    let response = client.post_form("/login", &[("user", user)])?;
+    assert_eq!(response.status, 303, "login: {response:?}");
+    assert!(
+        response.header("set-cookie").is_some(),
+        "login sets a cookie"
+    );
+    let page = client.page("/")?;
+    assert!(
+        page.body.contains(&format!("Logged in as <b>{user}</b>")),
+        "the cookie identifies {user}: {}",
+        page.body
+    );
+    Ok(client)
 }
 
 fn send(client: &mut Client, to: &str, text: &str, level: &str) -> TestResult {
@@ -83,9 +56,9 @@ fn ok_page(response: Response) -> String {
 
 #[test]
 fn a_message_is_shown_on_the_next_page_once() -> TestResult {
-    let server = Server::start(DeliveryMode::AtMostOnce)?;
-    let mut ann = server.login("ann")?;
-    let mut bob = server.login("bob")?;
+    let server = start(DeliveryMode::AtMostOnce)?;
+    let mut ann = login(&server, "ann")?;
+    let mut bob = login(&server, "bob")?;
 
     send(&mut ann, "ann, bob", "Budgets are due Friday", "warning")?;
 
@@ -112,7 +85,7 @@ fn a_message_is_shown_on_the_next_page_once() -> TestResult {
 
 #[test]
 fn anonymous_requests_see_nothing_and_take_nothing() -> TestResult {
-    let server = Server::start(DeliveryMode::AtMostOnce)?;
+    let server = start(DeliveryMode::AtMostOnce)?;
     server.store.info("ann", "Welcome back")?;
 
     let mut anonymous = Client::new(server.addr);
@@ -121,7 +94,7 @@ fn anonymous_requests_see_nothing_and_take_nothing() -> TestResult {
     assert!(page.contains("name=\"user\""), "the login form is shown");
 
     // Logged out, Ann is anonymous again.
-    let mut ann = server.login("ann")?; // (login's own page load shows it)
+    let mut ann = login(&server, "ann")?; // (login's own page load shows it)
     let response = ann.post_form("/logout", &[])?;
     assert_eq!(response.status, 303);
     server.store.info("ann", "While you were out")?;
@@ -131,7 +104,7 @@ fn anonymous_requests_see_nothing_and_take_nothing() -> TestResult {
 
     // The messages were there all along.
     assert_eq!(server.store.count("ann")?, 1);
-    let ann = server.login("ann")?;
+    let ann = login(&server, "ann")?;
     drop(ann);
     assert_eq!(server.store.count("ann")?, 0);
     Ok(())
@@ -139,8 +112,8 @@ fn anonymous_requests_see_nothing_and_take_nothing() -> TestResult {
 
 #[test]
 fn script_requests_do_not_take_the_pages_messages() -> TestResult {
-    let server = Server::start(DeliveryMode::AtMostOnce)?;
-    let mut ann = server.login("ann")?;
+    let server = start(DeliveryMode::AtMostOnce)?;
+    let mut ann = login(&server, "ann")?;
     send(&mut ann, "ann", "Saved", "success")?;
 
     let not_pages: [&[(&str, &str)]; 3] = [
@@ -176,8 +149,8 @@ fn script_requests_do_not_take_the_pages_messages() -> TestResult {
 
 #[test]
 fn at_least_once_a_failing_page_does_not_lose_messages() -> TestResult {
-    let server = Server::start(DeliveryMode::AtLeastOnce)?;
-    let mut ann = server.login("ann")?;
+    let server = start(DeliveryMode::AtLeastOnce)?;
+    let mut ann = login(&server, "ann")?;
     send(&mut ann, "ann", "Your export finished", "info")?;
 
     let response = ann.page("/broken")?;
@@ -204,8 +177,8 @@ fn at_least_once_a_failing_page_does_not_lose_messages() -> TestResult {
 /// so a failing page loses them.
 #[test]
 fn at_most_once_a_failing_page_loses_its_messages() -> TestResult {
-    let server = Server::start(DeliveryMode::AtMostOnce)?;
-    let mut ann = server.login("ann")?;
+    let server = start(DeliveryMode::AtMostOnce)?;
+    let mut ann = login(&server, "ann")?;
     send(&mut ann, "ann", "Your export finished", "info")?;
 
     let response = ann.page("/broken")?;
@@ -218,8 +191,8 @@ fn at_most_once_a_failing_page_loses_its_messages() -> TestResult {
 
 #[test]
 fn html_in_messages_is_shown_as_text() -> TestResult {
-    let server = Server::start(DeliveryMode::AtMostOnce)?;
-    let mut ann = server.login("ann")?;
+    let server = start(DeliveryMode::AtMostOnce)?;
+    let mut ann = login(&server, "ann")?;
     send(
         &mut ann,
         "ann",
@@ -250,8 +223,8 @@ fn html_in_messages_is_shown_as_text() -> TestResult {
 
 #[test]
 fn a_report_finished_in_the_background_shows_on_a_later_page() -> TestResult {
-    let server = Server::start(DeliveryMode::AtMostOnce)?;
-    let mut ann = server.login("ann")?;
+    let server = start(DeliveryMode::AtMostOnce)?;
+    let mut ann = login(&server, "ann")?;
     let response = ann.post_form("/report", &[])?;
     assert_eq!(response.status, 303);
 
@@ -276,8 +249,8 @@ fn a_report_finished_in_the_background_shows_on_a_later_page() -> TestResult {
 
 #[test]
 fn bad_sends_are_refused_and_store_nothing() -> TestResult {
-    let server = Server::start(DeliveryMode::AtMostOnce)?;
-    let mut ann = server.login("ann")?;
+    let server = start(DeliveryMode::AtMostOnce)?;
+    let mut ann = login(&server, "ann")?;
     for fields in [
         [("to", "ann"), ("text", "hi"), ("level", "loud")],
         [("to", " , "), ("text", "hi"), ("level", "info")],

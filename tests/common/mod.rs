@@ -1,6 +1,10 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod child;
+#[cfg(feature = "axum")]
+pub mod web;
+
 use std::path::PathBuf;
 
 use async_messages::{Durability, MessageStore, Result};
@@ -79,6 +83,17 @@ impl Rng {
     /// A number below `n` (0 when `n` is 0).
     pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
+    }
+
+    /// Between 1 and `most` of the numbers below `n`, in random order.
+    pub fn some_of(&mut self, n: usize, most: u64) -> Vec<usize> {
+        let mut some: Vec<usize> = (0..n).collect();
+        for i in 0..some.len() {
+            let j = i + self.below((some.len() - i) as u64) as usize;
+            some.swap(i, j);
+        }
+        some.truncate(1 + self.below(most) as usize);
+        some
     }
 }
 
