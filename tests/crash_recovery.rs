@@ -156,31 +156,26 @@ fn crash_child() {
                             .map(|id| {
                                 say(format!("sent {thread} {seq} {}", id.expect("stored").get()))
                             })
-                    } else if roll < 57 {
-                        seq += 1;
-                        let tracked: Vec<String> = (0..USERS).map(|u| u.to_string()).collect();
-                        say(format!("big {thread} {seq}"));
-                        say(format!("bulk {thread} {seq} {}", tracked.join(",")));
-                        store
-                            .message_users(
-                                (0..USERS).map(user).chain(BIG_USERS.map(UserId::Int)),
-                                child::text(cycle, thread, seq),
-                                Level::Info,
-                            )
-                            .map(|sent| {
-                                say(format!(
-                                    "bulked {thread} {seq} {}",
-                                    sent.id().expect("stored").get()
-                                ))
-                            })
                     } else if roll < 65 {
                         seq += 1;
-                        let to = rng.some_of(USERS, 6);
+                        // One send in four of these (2 % of calls) is big.
+                        let big = roll < 57;
+                        let to = if big {
+                            (0..USERS).collect()
+                        } else {
+                            rng.some_of(USERS, 6)
+                        };
                         let list: Vec<String> = to.iter().map(usize::to_string).collect();
+                        if big {
+                            say(format!("big {thread} {seq}"));
+                        }
                         say(format!("bulk {thread} {seq} {}", list.join(",")));
+                        let untracked = if big { BIG_USERS } else { 0..0 };
                         store
                             .message_users(
-                                to.iter().map(|u| user(*u)),
+                                to.iter()
+                                    .map(|u| user(*u))
+                                    .chain(untracked.map(UserId::Int)),
                                 child::text(cycle, thread, seq),
                                 Level::Info,
                             )
