@@ -29,13 +29,7 @@ pub(crate) fn user_prefix(user: &UserId) -> Result<Vec<u8>> {
         }
         UserId::Str(name) => {
             let bytes = name.as_bytes();
-            let len = u32::try_from(bytes.len())
-                .ok()
-                .filter(|len| *len as usize <= UserId::MAX_STR_BYTES)
-                .ok_or(Error::UserIdTooLong {
-                    len: bytes.len(),
-                    limit: UserId::MAX_STR_BYTES,
-                })?;
+            let len = str_id_len(name)?;
             let mut out = Vec::with_capacity(1 + 4 + bytes.len() + SEQ_LEN);
             out.push(TAG_STR);
             out.extend_from_slice(&len.to_be_bytes());
@@ -43,6 +37,18 @@ pub(crate) fn user_prefix(user: &UserId) -> Result<Vec<u8>> {
             Ok(out)
         }
     }
+}
+
+/// The length of a string user id as stored, or
+/// [`Error::UserIdTooLong`] above [`UserId::MAX_STR_BYTES`].
+pub(crate) fn str_id_len(name: &str) -> Result<u32> {
+    u32::try_from(name.len())
+        .ok()
+        .filter(|len| *len as usize <= UserId::MAX_STR_BYTES)
+        .ok_or(Error::UserIdTooLong {
+            len: name.len(),
+            limit: UserId::MAX_STR_BYTES,
+        })
 }
 
 /// Writes the prefix of integer user `id` into `out`, without allocating.

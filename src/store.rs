@@ -809,13 +809,8 @@ impl Inner {
         let mut set = Recipients::default();
         let mut read = 0_u64;
         for user in users {
-            if let UserId::Str(name) = &user
-                && name.len() > UserId::MAX_STR_BYTES
-            {
-                return Err(Error::UserIdTooLong {
-                    len: name.len(),
-                    limit: UserId::MAX_STR_BYTES,
-                });
+            if let UserId::Str(name) = &user {
+                key::str_id_len(name)?;
             }
             set.push(user);
             read += 1;
@@ -861,24 +856,22 @@ impl Inner {
 
     /// Adds (or takes away) one queued message for every user in `set`.
     fn count_recipients(&self, set: &Recipients, add: bool) {
-        let mut prefix = [0_u8; 9];
-        for id in &set.ints {
-            key::write_int_prefix(&mut prefix, id);
-            let slot = self.index.slot(&prefix);
+        let count = |prefix: &[u8]| {
+            let slot = self.index.slot(prefix);
             if add {
                 self.index.add(slot, 1);
             } else {
                 self.index.sub(slot, 1);
             }
+        };
+        let mut prefix = [0_u8; 9];
+        for id in &set.ints {
+            key::write_int_prefix(&mut prefix, id);
+            count(&prefix);
         }
         for name in &set.strs {
             if let Ok(prefix) = key::user_prefix(&UserId::Str(name.clone())) {
-                let slot = self.index.slot(&prefix);
-                if add {
-                    self.index.add(slot, 1);
-                } else {
-                    self.index.sub(slot, 1);
-                }
+                count(&prefix);
             }
         }
     }
@@ -1292,27 +1285,8 @@ impl Inner {
             }
         }
         let rolled_back = orphans;
-        let mut finished = 0_u64;
-        for (key, slot) in &redo {
-            if self.backend.take_message(key)? {
-                self.index.sub(*slot, 1);
-                finished += 1;
-            }
-        }
-        if finished > 0 {
-            tracing::warn!(
-                finished,
-                "finished the removals of drains cut off by a crash after they committed"
-            );
-        }
-        self.backend.remove_messages(&stale_marks)?;
         for (key, value, reason) in &damaged_bulks {
             self.backend.quarantine("bulk", key, value, reason)?;
-        }
-        for bulk in self.bulks.snapshot().iter() {
-            if bulk.due() {
-                self.maintenance.fold(bulk.id);
-            }
         }
         for (key, value, reason) in &damaged {
             self.backend.quarantine("messages", key, value, reason)?;
@@ -1359,6 +1333,28 @@ impl Inner {
             self.backend.remove_clean_mark()?;
         }
         *self.refs.lock() = refs;
+        // Only now that the store passed the check above: finish the
+        // removals of drains that committed, drop marks no longer needed, and
+        // fold what is due.
+        let mut finished = 0_u64;
+        for (key, slot) in &redo {
+            if self.backend.take_message(key)? {
+                self.index.sub(*slot, 1);
+                finished += 1;
+            }
+        }
+        if finished > 0 {
+            tracing::warn!(
+                finished,
+                "finished the removals of drains cut off by a crash after they committed"
+            );
+        }
+        self.backend.remove_messages(&stale_marks)?;
+        for bulk in self.bulks.snapshot().iter() {
+            if bulk.due() {
+                self.maintenance.fold(bulk.id);
+            }
+        }
         if rolled_back + damaged.len() as u64 + unused_texts + unreadable > 0
             || !damaged_bulks.is_empty()
         {
