@@ -579,12 +579,7 @@ impl World {
                 }
             }
         }
-        self.acked_drains += out
-            .drains
-            .values()
-            .flatten()
-            .filter(|drain| !drain.is_empty())
-            .count() as u64;
+        self.acked_drains += child::non_empty_drains(&out.drains);
         self.queues = found.to_vec();
         self.max_id_before = max_id;
         Ok(())

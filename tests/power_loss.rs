@@ -556,12 +556,7 @@ impl World {
                 (false, false) => self.unacked_lost += 1,
             }
         }
-        self.acked_drains += out
-            .drains
-            .values()
-            .flatten()
-            .filter(|drain| !drain.is_empty())
-            .count() as u64;
+        self.acked_drains += child::non_empty_drains(&out.drains);
         broken
     }
 }

@@ -168,3 +168,13 @@ pub fn drained_line(thread: usize, from: usize, messages: &[async_messages::Mess
     }
     line
 }
+
+/// How many acknowledged drains returned messages (empty ones prove
+/// nothing), from each user's drains in order.
+pub fn non_empty_drains<T>(drains: &std::collections::HashMap<usize, Vec<Vec<T>>>) -> u64 {
+    drains
+        .values()
+        .flatten()
+        .filter(|drain| !drain.is_empty())
+        .count() as u64
+}
