@@ -156,15 +156,11 @@ impl Bulk {
         self.recipients.read().contains(user)
     }
 
-    /// Records that `user`'s mark is written (and durable, for the caller's
-    /// durability). Returns `true` when the record is due for a fold.
-    pub(crate) fn mark_taken(&self, user: &UserId) -> bool {
-        let remaining = self
-            .remaining
-            .fetch_sub(1, Ordering::AcqRel)
-            .saturating_sub(1);
+    /// Records that `user`'s mark is written (by a drain that is durable,
+    /// for the store's durability, or found at open).
+    pub(crate) fn note_taken(&self, user: &UserId) {
+        self.remaining.fetch_sub(1, Ordering::AcqRel);
         self.taken.lock().insert(user);
-        remaining == 0 || self.due()
     }
 
     /// Whether a fold would pay off: every listed user has taken it, or
@@ -174,12 +170,6 @@ impl Bulk {
         taken > 0
             && (self.remaining() == 0
                 || (taken >= FOLD_MIN && taken.saturating_mul(2) >= self.recipients.read().len()))
-    }
-
-    /// At open: a mark for `user` was found.
-    pub(crate) fn recover_taken(&self, user: &UserId) {
-        self.remaining.fetch_sub(1, Ordering::AcqRel);
-        self.taken.lock().insert(user);
     }
 
     pub(crate) fn remaining(&self) -> u64 {

@@ -1132,7 +1132,8 @@ impl Inner {
             return Err(error);
         }
         for (bulk, _) in &collected.bulks {
-            if bulk.mark_taken(user) {
+            bulk.note_taken(user);
+            if bulk.due() {
                 self.maintenance.fold(bulk.id);
             }
         }
@@ -1241,7 +1242,7 @@ impl Inner {
                         key::decode_user(prefix).is_some_and(|user| {
                             let listed = bulk.lists(&user);
                             if listed {
-                                bulk.recover_taken(&user);
+                                bulk.note_taken(&user);
                             }
                             listed
                         })
