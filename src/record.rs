@@ -4,11 +4,15 @@
 //! ```text
 //! message record:  FORMAT_VERSION ‖ bincode(StoredMessage)
 //! shared text:     FORMAT_VERSION ‖ bincode(SharedText)
+//! bulk record:     FORMAT_VERSION ‖ bincode(BulkHeader) ‖ roaring treemap
 //! ```
 //!
-//! A message sent to many users at once is stored once, as a shared text
+//! A message sent to at most 256 users is stored once, as a shared text
 //! keyed by the send's id; each recipient's record is then the two bytes
 //! `FORMAT_VERSION ‖ Shared`, and the text id is the key's sequence number.
+//! A larger send is one bulk record (see `bulk.rs`); a user who took it has
+//! a `Taken` record under the bulk's id, listing the records its drain
+//! removed.
 //!
 //! Decoding never panics and never allocates more than the input's length.
 
