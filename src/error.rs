@@ -53,9 +53,44 @@ pub enum Error {
 
     /// The builder was asked to open a store without a path.
     #[error(
-        "no path was given for the message store; call MessageStore::builder().path(..) before open()"
+        "no place was given for the message store; call MessageStore::builder().path(..) (embedded, on disk) or .redis(..) (several servers) before open(), or use MessageStore::in_memory() in tests"
     )]
     NoPath,
+
+    /// The builder was given more than one place for the store.
+    #[error(
+        "the message store was given {chosen}; a store lives in one place, so keep only one of them"
+    )]
+    TwoEngines {
+        /// The places given, e.g. `path(/srv/messages) and redis(redis://cache:6379/0)`.
+        chosen: String,
+    },
+
+    /// The Redis server could not be reached, refused the request, or
+    /// answered in a way this library does not understand. The operation
+    /// was not done, with one exception: a send whose connection broke
+    /// after the request left may have been stored (as with any network
+    /// store). The handle reconnects by itself once the server is back.
+    #[error(
+        "the Redis server at {url} failed: {source}; check that it runs and that the URL (host, port, password, TLS) is right (the handle reconnects by itself when it is back)"
+    )]
+    Redis {
+        /// The server's URL, with any password replaced by `***`.
+        url: String,
+        /// The underlying error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+
+    /// A lease was committed after the store's lease timeout: its messages
+    /// had gone back to the queue, so nothing was removed.
+    #[error(
+        "the lease was held longer than the store's lease timeout of {timeout:?}, so its messages went back to the queue and will be delivered again; commit sooner, or raise the timeout with MessageStore::builder().lease_timeout(..)"
+    )]
+    LeaseExpired {
+        /// The store's lease timeout.
+        timeout: std::time::Duration,
+    },
 
     /// Another handle, in this process or another one, has the store open.
     #[error(
@@ -174,5 +209,48 @@ impl Error {
                 source: other.to_string().into(),
             },
         }
+    }
+}
+
+/// `url` with any password replaced by `***`, for messages and logs.
+pub(crate) fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split(':').next().unwrap_or("");
+            let user = if rest[..at].contains(':') {
+                format!("{user}:***")
+            } else {
+                "***".to_owned()
+            };
+            format!("{scheme}://{user}@{}", &rest[at + 1..])
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn redact_hides_passwords_only() {
+        assert_eq!(
+            redact("redis://127.0.0.1:6379/0"),
+            "redis://127.0.0.1:6379/0"
+        );
+        assert_eq!(
+            redact("redis://:s3cret@host:6379/0"),
+            "redis://:***@host:6379/0"
+        );
+        assert_eq!(
+            redact("rediss://app:s3cret@host/1"),
+            "rediss://app:***@host/1"
+        );
+        assert_eq!(redact("redis://token@host"), "redis://***@host");
+        assert_eq!(redact("not a url"), "not a url");
     }
 }

@@ -4,11 +4,10 @@
 
 use proptest::prelude::*;
 
-use crate::backend::{
-    RecordCounts, clean_mark_text, decode_quarantined, encode_quarantined, parse_clean_mark,
-};
+use crate::engine::sled::{RecordCounts, clean_mark_text, parse_clean_mark};
 use crate::key::{self, decode_user, split_key, split_text_key};
 use crate::record::{self, Record, decode_format, decode_record, decode_text};
+use crate::record::{decode_quarantined, encode_quarantined};
 
 /// Damages valid bytes: `how` 0 leaves them, 1 overwrites the byte at
 /// `index` (wrapped) with `byte` (flipped if equal), 2 cuts them there, 3
@@ -128,7 +127,7 @@ fn bulk_like() -> impl Strategy<Value = Vec<u8>> {
         0_u8..4,
     )
         .prop_map(|(sparse, dense, strs, at, bits, how)| {
-            let mut recipients = crate::bulk::Recipients::default();
+            let mut recipients = crate::recipients::Recipients::default();
             for id in sparse.into_iter().chain(dense) {
                 recipients.push(crate::UserId::Int(id));
             }

@@ -105,29 +105,27 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
-mod backend;
-mod bulk;
-mod commit;
+mod engine;
 mod error;
 #[cfg(test)]
 mod fuzz_tests;
 mod hook;
-mod index;
 mod key;
 #[cfg(feature = "axum")]
 mod layer;
 mod level;
 mod message;
+mod recipients;
 mod record;
 mod store;
 mod user;
 
-pub use backend::QuarantinedRecord;
 pub use error::{Error, Result};
 pub use hook::{Delivery, DeliveryMode, DrainPolicy, RequestHook, RequestKind};
 #[cfg(feature = "axum")]
 pub use layer::{Messages, MessagesLayer, MessagesService, MissingMessagesLayer};
 pub use level::Level;
 pub use message::{BulkSend, Message, MessageId, Progress};
+pub use record::QuarantinedRecord;
 pub use store::{Builder, Durability, Lease, MessageStore};
 pub use user::UserId;

@@ -82,6 +82,14 @@ pub struct BulkSend {
 }
 
 impl BulkSend {
+    /// Nothing was sent (no recipients, or a level below the minimum).
+    pub(crate) fn none() -> BulkSend {
+        BulkSend {
+            id: None,
+            recipients: 0,
+        }
+    }
+
     /// The id shared by every recipient's copy, or `None` when nothing was
     /// queued (no users, or the level is below the store's minimum).
     #[must_use]

@@ -19,7 +19,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::Level;
-use crate::bulk::Recipients;
+use crate::recipients::Recipients;
 
 /// The newest record format this library writes and reads.
 pub(crate) const FORMAT_VERSION: u8 = 1;
@@ -309,4 +309,71 @@ mod tests {
         // A length prefix claiming a huge string must fail, not allocate.
         assert!(decode_record(&[1, 0, 20, 5, 252, 255, 255, 255, 255]).is_err());
     }
+}
+
+/// A record that could not be decoded, moved aside by the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantinedRecord {
+    pub(crate) tree: String,
+    pub(crate) key: Vec<u8>,
+    pub(crate) value: Vec<u8>,
+    pub(crate) reason: String,
+    pub(crate) at_ms: u64,
+}
+
+impl QuarantinedRecord {
+    /// Where the record was: `"messages"`, `"texts"` or `"bulk"`.
+    #[must_use]
+    pub fn tree(&self) -> &str {
+        &self.tree
+    }
+
+    /// The record's key, as it was stored.
+    #[must_use]
+    pub fn key(&self) -> &[u8] {
+        &self.key
+    }
+
+    /// The record's value, as it was stored.
+    #[must_use]
+    pub fn value(&self) -> &[u8] {
+        &self.value
+    }
+
+    /// Why it could not be read.
+    #[must_use]
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+
+    /// When it was moved aside (milliseconds since the Unix epoch).
+    #[must_use]
+    pub fn quarantined_at_ms(&self) -> u64 {
+        self.at_ms
+    }
+}
+
+/// A quarantine entry: `FORMAT_VERSION ‖ bincode(QuarantinedRecord)`.
+pub(crate) fn encode_quarantined(record: &QuarantinedRecord) -> Vec<u8> {
+    let mut bytes = vec![FORMAT_VERSION];
+    // Encoding these plain fields into a Vec cannot fail; if bincode ever
+    // did, the entry would be an empty body, skipped by the decoder.
+    if let Ok(body) = bincode::serde::encode_to_vec(record, bincode::config::standard()) {
+        bytes.extend_from_slice(&body);
+    }
+    bytes
+}
+
+/// Decodes a quarantine entry; `None` unless `bytes` are exactly one entry
+/// of this format version. Never allocates more than 64 MiB.
+pub(crate) fn decode_quarantined(bytes: &[u8]) -> Option<QuarantinedRecord> {
+    let (&FORMAT_VERSION, body) = bytes.split_first()? else {
+        return None;
+    };
+    let (record, used) = bincode::serde::decode_from_slice::<QuarantinedRecord, _>(
+        body,
+        bincode::config::standard().with_limit::<{ 64 << 20 }>(),
+    )
+    .ok()?;
+    (used == body.len()).then_some(record)
 }

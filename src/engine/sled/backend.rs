@@ -14,10 +14,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use serde::{Deserialize, Serialize};
 use sled::{IVec, Tree};
 
-use crate::record::FORMAT_VERSION;
+use crate::record::{FORMAT_VERSION, QuarantinedRecord, decode_quarantined, encode_quarantined};
 use crate::{Error, Result, record};
 
 /// Raw bytes as sled hands them out (small values live inline, no allocation).
@@ -54,48 +53,6 @@ pub(crate) struct Backend {
     /// Held by each flush: the group commit's leader, the maintenance
     /// thread and `MessageStore::flush` never run sled's flush at once.
     flush_lock: Arc<Mutex<()>>,
-}
-
-/// A record that could not be decoded, moved aside by the store.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QuarantinedRecord {
-    tree: String,
-    key: Vec<u8>,
-    value: Vec<u8>,
-    reason: String,
-    at_ms: u64,
-}
-
-impl QuarantinedRecord {
-    /// Where the record was: `"messages"`, `"texts"` or `"bulk"`.
-    #[must_use]
-    pub fn tree(&self) -> &str {
-        &self.tree
-    }
-
-    /// The record's key, as it was stored.
-    #[must_use]
-    pub fn key(&self) -> &[u8] {
-        &self.key
-    }
-
-    /// The record's value, as it was stored.
-    #[must_use]
-    pub fn value(&self) -> &[u8] {
-        &self.value
-    }
-
-    /// Why it could not be read.
-    #[must_use]
-    pub fn reason(&self) -> &str {
-        &self.reason
-    }
-
-    /// When it was moved aside (milliseconds since the Unix epoch).
-    #[must_use]
-    pub fn quarantined_at_ms(&self) -> u64 {
-        self.at_ms
-    }
 }
 
 const FORMAT_KEY: &[u8] = b"format";
@@ -511,31 +468,6 @@ impl Backend {
     pub(crate) fn size_on_disk(&self) -> Result<u64> {
         self.db.size_on_disk().map_err(|e| self.err(e))
     }
-}
-
-/// A quarantine entry: `FORMAT_VERSION ‖ bincode(QuarantinedRecord)`.
-pub(crate) fn encode_quarantined(record: &QuarantinedRecord) -> Vec<u8> {
-    let mut bytes = vec![FORMAT_VERSION];
-    // Encoding these plain fields into a Vec cannot fail; if bincode ever
-    // did, the entry would be an empty body, skipped by the decoder.
-    if let Ok(body) = bincode::serde::encode_to_vec(record, bincode::config::standard()) {
-        bytes.extend_from_slice(&body);
-    }
-    bytes
-}
-
-/// Decodes a quarantine entry; `None` unless `bytes` are exactly one entry
-/// of this format version. Never allocates more than 64 MiB.
-pub(crate) fn decode_quarantined(bytes: &[u8]) -> Option<QuarantinedRecord> {
-    let (&FORMAT_VERSION, body) = bytes.split_first()? else {
-        return None;
-    };
-    let (record, used) = bincode::serde::decode_from_slice::<QuarantinedRecord, _>(
-        body,
-        bincode::config::standard().with_limit::<{ 64 << 20 }>(),
-    )
-    .ok()?;
-    (used == body.len()).then_some(record)
 }
 
 /// The clean-close mark's text.

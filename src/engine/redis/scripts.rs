@@ -1,0 +1,229 @@
+//! The Lua scripts: every change to a user's queue is one script, which
+//! Redis runs atomically (no other command runs in between, and with AOF
+//! the script's writes are logged as one unit).
+//!
+//! Why scripts and not MULTI/EXEC: a drain must read the queue and then
+//! decide what to write (which bulk sends the user has not taken, which
+//! leases have expired). MULTI/EXEC cannot branch on what it read, so it
+//! would need WATCH and a retry loop that livelocks under contention; a
+//! script reads and writes in one step and never retries.
+//!
+//! Keys, for namespace `ns` and a user's key prefix `u` (binary, as on
+//! sled: `0x01 ‖ u64 BE` or `0x02 ‖ len ‖ bytes`); `F` is an id written as
+//! 20 decimal digits, so that byte order is id order:
+//!
+//! ```text
+//! ns:id          INCR counter: message ids (shared by all senders)
+//! ns:q:u         HASH F -> record            the user's queued messages
+//! ns:l:u         HASH F -> kind ‖ token ‖ deadline ‖ [record]
+//!                                            leased: kind 'd' (the user's own
+//!                                            record follows) or 'b' (bulk send F)
+//! ns:bulks       ZSET F scored by id        live bulk sends
+//! ns:b:F         STRING bulk record          text + recipient set, stored once
+//! ns:bt:F        SET of u                    recipients who took or leased it
+//! ns:bc:F        counter                     recipients who committed it
+//! ns:done:T      STRING (expires)            lease T was committed
+//! ns:quarantine  LIST of quarantine entries  records that did not decode
+//! ```
+//!
+//! Time is Redis's clock (`TIME`), so lease deadlines agree across
+//! processes and machines.
+
+/// Shared Lua functions, prepended to the scripts that need them.
+const PRELUDE: &str = r"
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+-- Puts the user's expired leases back: own records into the queue, bulk
+-- sends back to untaken. Committed marks are never here.
+local function reclaim(ns, q, l, u, now)
+  local all = redis.call('HGETALL', l)
+  for i = 1, #all, 2 do
+    local f, v = all[i], all[i + 1]
+    if tonumber(string.sub(v, 22, 41)) <= now then
+      if string.sub(v, 1, 1) == 'd' then
+        redis.call('HSET', q, f, string.sub(v, 42))
+      else
+        redis.call('SREM', ns .. ':bt:' .. f, u)
+      end
+      redis.call('HDEL', l, f)
+    end
+  end
+end
+-- Whether a bulk send newer than the client's cache exists.
+local function stale(bulks, known)
+  return #redis.call('ZRANGEBYSCORE', bulks, known, '+inf', 'LIMIT', 0, 1) > 0
+end
+";
+
+/// One message, or one message for a few users under one id.
+/// KEYS: ns:id, then each recipient's ns:q:u. ARGV: record.
+/// Returns {id, recipients}.
+pub(super) const SEND: &str = r"
+local id = redis.call('INCR', KEYS[1])
+local f = string.format('%020d', id)
+local n = 0
+for i = 2, #KEYS do
+  n = n + redis.call('HSETNX', KEYS[i], f, ARGV[1])
+end
+return {id, n}
+";
+
+/// A bulk send: one record, visible from the moment it is added to
+/// ns:bulks, in the same step that gives it its id (so ids of bulk sends
+/// are in commit order, which the clients' caches rely on).
+/// KEYS: ns:id, ns:bulks. ARGV: ns, record. Returns the id.
+pub(super) const BULK: &str = r"
+local id = redis.call('INCR', KEYS[1])
+local f = string.format('%020d', id)
+redis.call('SET', ARGV[1] .. ':b:' .. f, ARGV[2])
+redis.call('ZADD', KEYS[2], id, f)
+return id
+";
+
+/// Leases the user's queued messages and the bulk sends listed in ARGV
+/// that the user has not taken. KEYS: q, l, bulks. ARGV: ns, u, token
+/// (20 digits), timeout ms, '(' ‖ newest bulk id the client knows, then
+/// candidate bulk ids (F). Returns 'stale' (nothing changed but expired
+/// leases) or {{F, record, ...}, {F, ...}}.
+pub(super) fn lease() -> String {
+    format!(
+        "{PRELUDE}{}",
+        r"
+local ns, u, token = ARGV[1], ARGV[2], ARGV[3]
+local now = now_ms()
+reclaim(ns, KEYS[1], KEYS[2], u, now)
+if stale(KEYS[3], ARGV[5]) then return 'stale' end
+local head = token .. string.format('%020d', now + tonumber(ARGV[4]))
+local own = redis.call('HGETALL', KEYS[1])
+for i = 1, #own, 2 do
+  redis.call('HSET', KEYS[2], own[i], 'd' .. head .. own[i + 1])
+end
+if #own > 0 then redis.call('DEL', KEYS[1]) end
+local taken = {}
+for i = 6, #ARGV do
+  local f = ARGV[i]
+  if redis.call('EXISTS', ns .. ':b:' .. f) == 1
+     and redis.call('SADD', ns .. ':bt:' .. f, u) == 1 then
+    redis.call('HSET', KEYS[2], f, 'b' .. head)
+    taken[#taken + 1] = f
+  end
+end
+return {own, taken}
+"
+    )
+}
+
+/// Commits lease `token`: removes its entries for good, all or none.
+/// KEYS: l, ns:done:token. ARGV: ns, token, then pairs (F, recipients of
+/// bulk send F or 0). Returns 1 (committed, now or by an earlier try) or
+/// 0 (expired: nothing removed).
+pub(super) fn commit() -> String {
+    format!(
+        "{PRELUDE}{}",
+        r"
+if redis.call('EXISTS', KEYS[2]) == 1 then return 1 end
+local ns, token = ARGV[1], ARGV[2]
+local now = now_ms()
+for i = 3, #ARGV, 2 do
+  local v = redis.call('HGET', KEYS[1], ARGV[i])
+  if not v or string.sub(v, 2, 21) ~= token
+     or tonumber(string.sub(v, 22, 41)) <= now then
+    return 0
+  end
+end
+for i = 3, #ARGV, 2 do
+  local f = ARGV[i]
+  local v = redis.call('HGET', KEYS[1], f)
+  redis.call('HDEL', KEYS[1], f)
+  if string.sub(v, 1, 1) == 'b' then
+    local committed = redis.call('INCR', ns .. ':bc:' .. f)
+    if committed >= tonumber(ARGV[i + 1]) then
+      redis.call('DEL', ns .. ':b:' .. f, ns .. ':bt:' .. f, ns .. ':bc:' .. f)
+      redis.call('ZREM', ns .. ':bulks', f)
+    end
+  end
+end
+redis.call('SET', KEYS[2], '1', 'PX', 60000)
+return 1
+"
+    )
+}
+
+/// Releases lease `token`'s entries that it still holds, back into their
+/// place. KEYS: q, l. ARGV: ns, u, token, then F...
+pub(super) const RELEASE: &str = r"
+local ns, u, token = ARGV[1], ARGV[2], ARGV[3]
+for i = 4, #ARGV do
+  local f = ARGV[i]
+  local v = redis.call('HGET', KEYS[2], f)
+  if v and string.sub(v, 2, 21) == token then
+    if string.sub(v, 1, 1) == 'd' then
+      redis.call('HSET', KEYS[1], f, string.sub(v, 42))
+    else
+      redis.call('SREM', ns .. ':bt:' .. f, u)
+    end
+    redis.call('HDEL', KEYS[2], f)
+  end
+end
+return 1
+";
+
+/// Reads without changing anything. KEYS: q, l, bulks. ARGV: ns, u,
+/// '(' ‖ newest known bulk id, then candidate F... Returns 'stale' or
+/// {{F, record, ...} queued, {F, entry, ...} leased, {F, ...} untaken bulks}.
+pub(super) fn peek() -> String {
+    format!(
+        "{PRELUDE}{}",
+        r"
+local ns, u = ARGV[1], ARGV[2]
+if stale(KEYS[3], ARGV[3]) then return 'stale' end
+local untaken = {}
+for i = 4, #ARGV do
+  local f = ARGV[i]
+  if redis.call('EXISTS', ns .. ':b:' .. f) == 1
+     and redis.call('SISMEMBER', ns .. ':bt:' .. f, u) == 0 then
+    untaken[#untaken + 1] = f
+  end
+end
+return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]), untaken}
+"
+    )
+}
+
+/// Whether the user may have messages. KEYS: q, l, bulks. ARGV as for
+/// peek. Returns 'stale', 1 or 0.
+pub(super) fn any() -> String {
+    format!(
+        "{PRELUDE}{}",
+        r"
+local ns, u = ARGV[1], ARGV[2]
+if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 1 end
+if stale(KEYS[3], ARGV[3]) then return 'stale' end
+for i = 4, #ARGV do
+  local f = ARGV[i]
+  if redis.call('EXISTS', ns .. ':b:' .. f) == 1
+     and redis.call('SISMEMBER', ns .. ':bt:' .. f, u) == 0 then
+    return 1
+  end
+end
+return 0
+"
+    )
+}
+
+/// Moves a record that does not decode aside. KEYS: the hash holding it
+/// (or the bulk record's key), ns:quarantine, ns:bulks. ARGV: F (or '' for
+/// a bulk record), quarantine entry.
+pub(super) const QUARANTINE: &str = r"
+if ARGV[1] == '' then
+  if redis.call('DEL', KEYS[1]) == 1 then
+    redis.call('RPUSH', KEYS[2], ARGV[2])
+  end
+  redis.call('ZREM', KEYS[3], ARGV[3])
+elseif redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
+  redis.call('RPUSH', KEYS[2], ARGV[2])
+end
+return 1
+";
