@@ -214,11 +214,14 @@ impl RequestHook {
     /// `false` when [`on_request`](Self::on_request) would certainly deliver
     /// nothing: anonymous, excluded by the policy, or nothing queued.
     /// Answered from memory, never waits: an async server can call it on
-    /// its executor and skip the blocking call for most requests.
+    /// its executor and skip the blocking call for most requests. (On Redis
+    /// the queue is across the network, so this only rules out anonymous and
+    /// excluded requests; [`on_request`](Self::on_request) then costs one
+    /// round trip.)
     #[must_use]
     pub fn may_deliver(&self, user: Option<&UserId>, request: &RequestKind<'_>) -> bool {
         user.is_some_and(|user| {
-            self.policy.applies(request) && self.store.may_have_messages(user.clone())
+            self.policy.applies(request) && self.store.may_have_messages_without_waiting(user)
         })
     }
 

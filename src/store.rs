@@ -528,6 +528,13 @@ impl MessageStore {
         checked(user.into()).is_ok_and(|user| self.engine.may_have(&user))
     }
 
+    /// [`may_have_messages`](Self::may_have_messages) when it is answered
+    /// from memory; `true` ("maybe") on an engine across the network, so
+    /// that the caller never waits.
+    pub(crate) fn may_have_messages_without_waiting(&self, user: &UserId) -> bool {
+        !self.engine.may_have_is_local() || self.may_have_messages(user)
+    }
+
     /// Returns `user`'s queued messages in send order without removing them.
     ///
     /// # Errors

@@ -79,6 +79,12 @@ pub(crate) trait Engine: Send + Sync + 'static {
     /// `false` only when the user certainly has nothing queued.
     fn may_have(&self, user: &UserId) -> bool;
 
+    /// Whether [`may_have`](Self::may_have) is answered from memory, without
+    /// waiting (false for an engine across the network).
+    fn may_have_is_local(&self) -> bool {
+        true
+    }
+
     /// The user's queued messages in send order, leased ones included.
     fn peek(&self, user: &UserId) -> Result<Vec<Message>>;
 

@@ -489,6 +489,10 @@ impl Engine for RedisEngine {
         answer.unwrap_or(true)
     }
 
+    fn may_have_is_local(&self) -> bool {
+        false
+    }
+
     fn peek(&self, user: &UserId) -> Result<Vec<Message>> {
         let shared = &self.shared;
         let u = key::user_prefix(user)?;
