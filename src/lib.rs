@@ -2,6 +2,13 @@
 //!
 //! # Design
 //!
+//! **Engines.** [`MessageStore`] keeps the rules every engine shares (levels,
+//! size limits, user ids, the split between a send to a few users and a bulk
+//! send) and hands each call to one engine behind an internal seam: sled
+//! (embedded, the default, described below), Redis (feature `redis`; each
+//! change is one Lua script, see README's "Several servers") and memory
+//! ([`MessageStore::in_memory`]). The same test suite runs against each.
+//!
 //! **Key layout.** One sled tree, `messages`, holds each user's records under
 //! `user ‖ sequence`, both big-endian, so byte order is (user, send order) and
 //! one prefix scan reads one user's queue (bulk records, below, are merged in
