@@ -134,5 +134,5 @@ pub use layer::{Messages, MessagesLayer, MessagesService, MissingMessagesLayer};
 pub use level::Level;
 pub use message::{BulkSend, Message, MessageId, Progress};
 pub use record::QuarantinedRecord;
-pub use store::{Builder, Durability, Lease, MessageStore};
+pub use store::{Builder, Durability, Lease, MessageStore, Stats};
 pub use user::UserId;

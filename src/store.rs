@@ -566,6 +566,45 @@ impl MessageStore {
         Ok(Lease { state: Some(state) })
     }
 
+    /// Every user who may have messages queued, sorted (users whose queue
+    /// turns out empty may be listed). For tools such as export; it reads
+    /// the whole store.
+    ///
+    /// # Errors
+    /// A storage error if the store cannot be read.
+    pub fn users(&self) -> Result<Vec<UserId>> {
+        let mut users = self.engine.users()?;
+        users.sort_unstable();
+        users.dedup();
+        Ok(users)
+    }
+
+    /// What the store holds: users with messages, messages, bulk records,
+    /// size on disk and quarantined records. It reads every user's queue
+    /// (a damaged record found on the way is quarantined and counted).
+    ///
+    /// # Errors
+    /// A storage error if the store cannot be read.
+    pub fn stats(&self) -> Result<Stats> {
+        let mut stats = Stats::default();
+        for user in self.users()? {
+            let queued = loop {
+                match self.engine.peek(&user) {
+                    Err(Error::Corrupt { .. }) => continue,
+                    other => break other?.len() as u64,
+                }
+            };
+            if queued > 0 {
+                stats.users += 1;
+                stats.messages += queued;
+            }
+        }
+        stats.bulk_records = self.engine.bulk_records()?;
+        stats.size_on_disk = self.engine.size_on_disk()?;
+        stats.quarantined = self.engine.quarantined()?.len() as u64;
+        Ok(stats)
+    }
+
     /// Makes every write so far durable, also against a power loss (sled's
     /// flush, then `fdatasync`). Only needed with [`Durability::Periodic`].
     ///
@@ -604,6 +643,22 @@ impl MessageStore {
         }
         Ok(())
     }
+}
+
+/// What a store holds; see [`MessageStore::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Users with at least one message queued.
+    pub users: u64,
+    /// Messages queued, once per recipient (leased ones included).
+    pub messages: u64,
+    /// Large bulk sends, each stored as one record.
+    pub bulk_records: u64,
+    /// Bytes on disk (0 on Redis and in memory).
+    pub size_on_disk: u64,
+    /// Records moved to quarantine.
+    pub quarantined: u64,
 }
 
 /// Messages taken by [`MessageStore::lease_messages`], not yet removed.

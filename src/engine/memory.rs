@@ -184,6 +184,14 @@ impl Engine for MemoryEngine {
         }))
     }
 
+    fn users(&self) -> Result<Vec<UserId>> {
+        Ok(self.state.lock().queues.keys().cloned().collect())
+    }
+
+    fn bulk_records(&self) -> Result<u64> {
+        Ok(0)
+    }
+
     fn flush(&self) -> Result<()> {
         Ok(())
     }

@@ -91,6 +91,13 @@ pub(crate) trait Engine: Send + Sync + 'static {
     /// Hides the user's queued, unleased messages until the lease ends.
     fn lease(&self, user: &UserId) -> Result<Box<dyn LeaseState>>;
 
+    /// Every user who may have messages queued (a superset: users whose
+    /// queue turns out empty are allowed), in no particular order.
+    fn users(&self) -> Result<Vec<UserId>>;
+
+    /// How many large bulk sends are stored as one record each.
+    fn bulk_records(&self) -> Result<u64>;
+
     /// Makes every write so far durable.
     fn flush(&self) -> Result<()>;
 

@@ -597,6 +597,48 @@ impl Engine for RedisEngine {
         })
     }
 
+    fn users(&self) -> Result<Vec<UserId>> {
+        let shared = &self.shared;
+        let mut users = std::collections::BTreeSet::new();
+        for kind in ["q", "l"] {
+            let head = shared.key(kind, b"x");
+            let head = &head[..head.len() - 1];
+            let mut pattern = head.to_vec();
+            pattern.push(b'*');
+            let mut cursor = 0_u64;
+            loop {
+                let (next, keys): (u64, Vec<Vec<u8>>) = shared.pool.run(true, |con| {
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query(con)
+                })?;
+                for found in keys {
+                    users.extend(found.strip_prefix(head).and_then(key::decode_user));
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        shared.refresh_bulks()?;
+        for bulk in shared.bulks.lock().bulks.values() {
+            users.extend(bulk.recipients.users());
+        }
+        Ok(users.into_iter().collect())
+    }
+
+    fn bulk_records(&self) -> Result<u64> {
+        let bulks = self.shared.key("bulks", b"");
+        self.shared
+            .pool
+            .run(true, |con| redis::cmd("ZCARD").arg(&bulks).query(con))
+    }
+
     fn flush(&self) -> Result<()> {
         Ok(())
     }

@@ -366,6 +366,30 @@ impl Engine for SledEngine {
         }))
     }
 
+    fn users(&self) -> Result<Vec<UserId>> {
+        let mut users = std::collections::BTreeSet::new();
+        let mut last: Option<Vec<u8>> = None;
+        for item in self.inner.backend.all_messages() {
+            let (key, _) = item?;
+            let Some((prefix, _)) = key::split_key(&key) else {
+                continue;
+            };
+            if last.as_deref() == Some(prefix) {
+                continue;
+            }
+            last = Some(prefix.to_vec());
+            users.extend(key::decode_user(prefix));
+        }
+        for bulk in self.inner.bulks.snapshot().iter() {
+            users.extend(bulk.recipients().users());
+        }
+        Ok(users.into_iter().collect())
+    }
+
+    fn bulk_records(&self) -> Result<u64> {
+        Ok(self.inner.bulks.snapshot().len() as u64)
+    }
+
     fn flush(&self) -> Result<()> {
         self.inner.backend.flush()
     }
