@@ -124,6 +124,7 @@ mod level;
 mod message;
 mod recipients;
 mod record;
+mod spool;
 mod store;
 mod user;
 
@@ -134,5 +135,6 @@ pub use layer::{Messages, MessagesLayer, MessagesService, MissingMessagesLayer};
 pub use level::Level;
 pub use message::{BulkSend, Message, MessageId, Progress};
 pub use record::QuarantinedRecord;
+pub use spool::Spool;
 pub use store::{Builder, Durability, Lease, MessageStore, Stats};
 pub use user::UserId;

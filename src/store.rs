@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::engine::memory::MemoryEngine;
 use crate::engine::sled::{SledEngine, SledOptions};
-use crate::engine::{Common, Engine, LeaseState, Outgoing};
+use crate::engine::{Common, Engine, LeaseState, Outgoing, Rules};
 use crate::message::{BulkSend, MessageId, Progress, now_ms};
 use crate::recipients::{Recipients, THRESHOLD};
 use crate::record::QuarantinedRecord;
@@ -49,6 +49,7 @@ pub struct Builder {
     index_slots: usize,
     disk_reserve: u64,
     skip_fdatasync: bool,
+    intake_pause: Duration,
 }
 
 impl Default for Builder {
@@ -67,6 +68,7 @@ impl Default for Builder {
             index_slots: 1 << 20,
             disk_reserve: 8 << 20,
             skip_fdatasync: false,
+            intake_pause: Duration::ZERO,
         }
     }
 }
@@ -184,6 +186,15 @@ impl Builder {
         self
     }
 
+    /// For tests only: the spool intake waits this long between storing a
+    /// spooled message and removing its file, so that a test can kill the
+    /// process in that window (`tests/spool.rs`). Default: zero.
+    #[doc(hidden)]
+    pub fn intake_pause_for_tests(mut self, pause: Duration) -> Self {
+        self.intake_pause = pause;
+        self
+    }
+
     /// Opens the store, creating it if needed, and recovers from any crash:
     /// a bulk send that did not finish is rolled back, and records whose key
     /// is damaged are moved to quarantine (see [`MessageStore::quarantined`]).
@@ -199,13 +210,8 @@ impl Builder {
     /// Redis server cannot be reached or the `redis` feature is off;
     /// [`Error::Storage`] for other failures.
     pub fn open(self) -> Result<MessageStore> {
-        let common = Common {
-            lease_timeout: self.lease_timeout,
-        };
-        let rules = Rules {
-            min_level: self.min_level,
-            max_message_bytes: self.max_message_bytes,
-        };
+        let common = self.common();
+        let rules = common.rules;
         let engine: Arc<dyn Engine> = match (self.path, self.redis, self.in_memory) {
             (None, None, false) => return Err(Error::NoPath),
             (Some(path), None, false) => Arc::new(SledEngine::open(SledOptions {
@@ -216,6 +222,7 @@ impl Builder {
                 index_slots: self.index_slots,
                 disk_reserve: self.disk_reserve,
                 skip_fdatasync: self.skip_fdatasync,
+                intake_pause: self.intake_pause,
                 common,
             })?),
             (None, Some(url), false) => open_redis(&url, &self.namespace, common)?,
@@ -240,6 +247,18 @@ impl Builder {
     }
 }
 
+impl Builder {
+    fn common(&self) -> Common {
+        Common {
+            lease_timeout: self.lease_timeout,
+            rules: Rules {
+                min_level: self.min_level,
+                max_message_bytes: self.max_message_bytes,
+            },
+        }
+    }
+}
+
 #[cfg(feature = "redis")]
 fn open_redis(url: &str, namespace: &str, common: Common) -> Result<Arc<dyn Engine>> {
     Ok(Arc::new(crate::engine::redis::RedisEngine::open(
@@ -255,13 +274,6 @@ fn open_redis(url: &str, _namespace: &str, _common: Common) -> Result<Arc<dyn En
             "this build of async-messages has no Redis support: enable the crate's `redis` feature"
                 .into(),
     })
-}
-
-/// The rules every engine shares, checked before a send reaches it.
-#[derive(Debug, Clone, Copy)]
-struct Rules {
-    min_level: Level,
-    max_message_bytes: usize,
 }
 
 /// A bulk send reports progress every this many recipients read.
@@ -314,14 +326,10 @@ impl MessageStore {
     /// other engines except surviving the handle (and its clones).
     #[must_use]
     pub fn in_memory() -> MessageStore {
+        let common = Builder::default().common();
         MessageStore {
-            engine: Arc::new(MemoryEngine::new(Common {
-                lease_timeout: Builder::default().lease_timeout,
-            })),
-            rules: Rules {
-                min_level: Level::Info,
-                max_message_bytes: MessageStore::DEFAULT_MAX_MESSAGE_BYTES,
-            },
+            engine: Arc::new(MemoryEngine::new(common)),
+            rules: common.rules,
         }
     }
 

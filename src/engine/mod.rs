@@ -44,6 +44,16 @@ pub(crate) struct Outgoing {
 pub(crate) struct Common {
     /// How long a lease may stay uncommitted before its messages return.
     pub(crate) lease_timeout: Duration,
+    /// The store's rules, for messages that reach an engine without going
+    /// through `MessageStore` (spooled ones).
+    pub(crate) rules: Rules,
+}
+
+/// The rules every engine shares, checked before a send reaches it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Rules {
+    pub(crate) min_level: Level,
+    pub(crate) max_message_bytes: usize,
 }
 
 /// One way of keeping the messages. Inputs are checked before they get

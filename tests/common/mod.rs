@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod child;
+pub mod mount;
 pub mod redis;
 #[cfg(feature = "axum")]
 pub mod web;

@@ -40,6 +40,9 @@ pub(crate) struct Backend {
     texts: Tree,
     bulk: Tree,
     quarantine: Tree,
+    /// Marks of spool files taken in (by file name), written atomically
+    /// with their messages; removed once the file is gone.
+    spooled: Tree,
     path: PathBuf,
     disk_reserve: u64,
     /// sled's log file, for the `fdatasync` sled leaves out (see `flush`).
@@ -136,6 +139,7 @@ impl Backend {
             texts: tree("texts")?,
             bulk: tree("bulk")?,
             quarantine: tree("quarantine")?,
+            spooled: tree("spooled")?,
             path: path.to_path_buf(),
             disk_reserve: options.disk_reserve,
             log_file: Arc::new(
@@ -290,6 +294,57 @@ impl Backend {
     }
 
     /// Stores a bulk record (one insert: sled writes it atomically).
+    /// Writes a spooled send's records (`messages`) and the mark naming its
+    /// spool file (`spooled`) in one transaction: both or neither.
+    pub(crate) fn insert_spooled(
+        &self,
+        records: &[(Vec<u8>, Vec<u8>)],
+        bulk: Option<(u64, &[u8])>,
+        mark: &[u8],
+    ) -> Result<()> {
+        use sled::Transactional;
+        use sled::transaction::{ConflictableTransactionError, TransactionError};
+        self.check_poisoned()?;
+        let result = (&self.messages, &self.bulk, &self.spooled).transaction(
+            |(messages, bulk_tree, spooled)| {
+                for (key, value) in records {
+                    messages.insert(key.as_slice(), value.as_slice())?;
+                }
+                if let Some((id, value)) = bulk {
+                    bulk_tree.insert(&crate::key::text_key(id), value)?;
+                }
+                spooled.insert(mark, &[][..])?;
+                Ok::<(), ConflictableTransactionError<()>>(())
+            },
+        );
+        match result {
+            Ok(()) => Ok(()),
+            Err(TransactionError::Storage(e)) => Err(self.err(e)),
+            Err(TransactionError::Abort(())) => Err(Error::Storage {
+                path: self.path.clone(),
+                source: "a spool intake transaction was aborted".into(),
+            }),
+        }
+    }
+
+    pub(crate) fn is_spooled(&self, mark: &[u8]) -> Result<bool> {
+        self.spooled.contains_key(mark).map_err(|e| self.err(e))
+    }
+
+    pub(crate) fn remove_spooled(&self, mark: &[u8]) -> Result<()> {
+        self.check_poisoned()?;
+        self.spooled.remove(mark).map(drop).map_err(|e| self.err(e))
+    }
+
+    /// Every spool mark, for the clean-up at open.
+    pub(crate) fn all_spooled(&self) -> Result<Vec<Bytes>> {
+        self.spooled
+            .iter()
+            .keys()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| self.err(e))
+    }
+
     pub(crate) fn insert_bulk(&self, id: u64, value: &[u8]) -> Result<()> {
         self.check_poisoned()?;
         self.bulk

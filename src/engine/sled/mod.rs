@@ -11,6 +11,7 @@ mod backend;
 mod bulk;
 mod commit;
 mod index;
+mod intake;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -23,14 +24,14 @@ use parking_lot::Mutex;
 
 #[cfg(not(test))]
 use self::backend::RecordCounts;
-pub(crate) use self::backend::sync_dir;
 use self::backend::{Backend, Bytes, OpenOptions};
 #[cfg(test)]
 pub(crate) use self::backend::{RecordCounts, clean_mark_text, parse_clean_mark};
+pub(crate) use self::backend::{io_error, sync_dir};
 use self::bulk::{Bulk, BulkList, Maintenance};
 use self::commit::GroupCommit;
 use self::index::PendingIndex;
-use super::{Common, EmptyLease, Engine, LeaseState, Outgoing};
+use super::{Common, EmptyLease, Engine, LeaseState, Outgoing, Rules};
 use crate::message::{BulkSend, MessageId};
 use crate::recipients::Recipients;
 use crate::record::{self, QuarantinedRecord, Record};
@@ -45,11 +46,14 @@ pub(crate) struct SledOptions {
     pub(crate) index_slots: usize,
     pub(crate) disk_reserve: u64,
     pub(crate) skip_fdatasync: bool,
+    pub(crate) intake_pause: Duration,
     pub(crate) common: Common,
 }
 
 /// A store in a directory, on sled.
 pub(crate) struct SledEngine {
+    /// Stopped first on drop (it holds only a weak reference to `inner`).
+    _intake: intake::Intake,
     inner: Arc<Inner>,
 }
 
@@ -105,14 +109,21 @@ impl SledEngine {
             leased_count: AtomicUsize::new(0),
             lease_numbers: AtomicU64::new(1),
             lease_timeout: options.common.lease_timeout,
+            rules: options.common.rules,
+            intake_pause: options.intake_pause,
             inflight: Mutex::new(HashSet::new()),
             refs: Mutex::new(HashMap::new()),
             backend,
             _registration: registration,
         };
         inner.recover()?;
+        let dirs = crate::spool::Dirs::of(&path);
+        dirs.create()?;
+        inner.take_in(&dirs)?;
+        let inner = Arc::new(inner);
         Ok(SledEngine {
-            inner: Arc::new(inner),
+            _intake: intake::Intake::start(Arc::downgrade(&inner), dirs)?,
+            inner,
         })
     }
 }
@@ -163,6 +174,10 @@ struct Inner {
     leased_count: AtomicUsize,
     lease_numbers: AtomicU64,
     lease_timeout: Duration,
+    /// For spooled sends, which reach the engine directly.
+    rules: Rules,
+    /// Test-only: a pause between storing a spooled send and removing its file.
+    intake_pause: Duration,
     /// Bulk sends being written: their records are not visible yet.
     inflight: Mutex<HashSet<u64>>,
     /// Live recipients of each shared text; at zero the text is removed.

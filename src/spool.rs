@@ -1,0 +1,435 @@
+//! Sends from other processes: a spool directory, as in mail systems.
+//!
+//! A [`Spool`] writes each send as one file: into `spool/tmp/`, fsynced,
+//! then renamed into `spool/new/` (a rename is atomic, so the store never
+//! sees half a file) and the directory fsynced. The process holding the
+//! store takes files in as they appear (watched with inotify, and checked
+//! every second in case a notification is missed) and at open. Taking a file
+//! in is exactly once: the message and a mark naming the file are written in
+//! one atomic write, made durable, and only then is the file removed; a
+//! file whose mark exists is not taken again.
+//!
+//! ```text
+//! spool file:  SPOOL_VERSION ‖ "AMSP" ‖ bincode(Entry) ‖ FNV-64 of what precedes
+//! file name:   <20-digit stamp>.<pid>.<counter>.msg
+//! ```
+//!
+//! The stamp is the sender's clock in nanoseconds, kept increasing within a
+//! process, so files sort in send order per sender and the store takes them
+//! in that order. Spooled messages get their id when taken in: they come
+//! after everything sent in the app before that moment.
+//!
+//! The spool directory is created owner-only (`0700`). The store refuses a
+//! file it cannot trust (not a regular file, another owner than the spool
+//! directory's, too large, a foreign name, damaged): it is moved to
+//! `spool/rejected/` with a log line, and the others go on.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::sled::{io_error, sync_dir};
+use crate::message::now_ms;
+use crate::{Error, Level, MessageStore, Result, UserId, key};
+
+/// The spool file format this library writes and reads.
+const SPOOL_VERSION: u8 = 1;
+const MAGIC: &[u8; 4] = b"AMSP";
+/// Files larger than this are refused unread (the largest message and many
+/// thousands of recipients fit well below it).
+pub(crate) const MAX_FILE_BYTES: u64 = 64 << 20;
+
+/// One spooled send, as written in a spool file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Entry {
+    pub(crate) users: Vec<SpoolUser>,
+    pub(crate) level: u8,
+    pub(crate) text: String,
+    pub(crate) sent_at_ms: u64,
+}
+
+/// A user id in a spool file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum SpoolUser {
+    Int(u64),
+    Str(String),
+}
+
+impl From<&UserId> for SpoolUser {
+    fn from(user: &UserId) -> Self {
+        match user {
+            UserId::Int(id) => SpoolUser::Int(*id),
+            UserId::Str(name) => SpoolUser::Str(name.clone()),
+        }
+    }
+}
+
+impl From<SpoolUser> for UserId {
+    fn from(user: SpoolUser) -> Self {
+        match user {
+            SpoolUser::Int(id) => UserId::Int(id),
+            SpoolUser::Str(name) => UserId::Str(name),
+        }
+    }
+}
+
+fn fnv64(bytes: &[u8]) -> u64 {
+    key::prefix_hash(bytes)
+}
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<{ MAX_FILE_BYTES as usize }>()
+}
+
+pub(crate) fn encode(entry: &Entry) -> Vec<u8> {
+    let mut bytes = vec![SPOOL_VERSION];
+    bytes.extend_from_slice(MAGIC);
+    if let Ok(body) = bincode::serde::encode_to_vec(entry, config()) {
+        bytes.extend_from_slice(&body);
+    }
+    let sum = fnv64(&bytes);
+    bytes.extend_from_slice(&sum.to_le_bytes());
+    bytes
+}
+
+/// Decodes a spool file; the reason it cannot be trusted otherwise.
+pub(crate) fn decode(bytes: &[u8]) -> std::result::Result<Entry, String> {
+    if bytes.len() < 1 + MAGIC.len() + 8 {
+        return Err("too short to be a spool file".to_owned());
+    }
+    let (body, sum) = bytes.split_at(bytes.len() - 8);
+    if &body[1..5] != MAGIC {
+        return Err("not a spool file (wrong magic)".to_owned());
+    }
+    if body[0] != SPOOL_VERSION {
+        return Err(format!(
+            "spool format version {} (this version reads {SPOOL_VERSION})",
+            body[0]
+        ));
+    }
+    let expected = u64::from_le_bytes(sum.try_into().map_err(|_| "no checksum".to_owned())?);
+    if fnv64(body) != expected {
+        return Err("the checksum does not match: the file is damaged".to_owned());
+    }
+    let (entry, used) = bincode::serde::decode_from_slice::<Entry, _>(&body[5..], config())
+        .map_err(|e| format!("the entry does not decode: {e}"))?;
+    if used != body.len() - 5 {
+        return Err("trailing bytes after the entry".to_owned());
+    }
+    if entry.text.is_empty() {
+        return Err("the message text is empty".to_owned());
+    }
+    Level::from_value(entry.level).ok_or_else(|| format!("unknown level {}", entry.level))?;
+    Ok(entry)
+}
+
+/// The spool's directories under a store directory.
+pub(crate) struct Dirs {
+    pub(crate) root: PathBuf,
+    pub(crate) tmp: PathBuf,
+    pub(crate) new: PathBuf,
+    pub(crate) rejected: PathBuf,
+}
+
+impl Dirs {
+    pub(crate) fn of(store: &Path) -> Dirs {
+        let root = store.join("spool");
+        Dirs {
+            tmp: root.join("tmp"),
+            new: root.join("new"),
+            rejected: root.join("rejected"),
+            root,
+        }
+    }
+
+    /// Creates the directories, owner-only, if missing.
+    pub(crate) fn create(&self) -> Result<()> {
+        for dir in [&self.root, &self.tmp, &self.new, &self.rejected] {
+            match fs::DirBuilder::new().mode(0o700).create(dir) {
+                Ok(()) => {
+                    let parent = dir.parent().unwrap_or(Path::new("."));
+                    sync_dir(parent)?;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io_error(dir, e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A name that sorts in send order within this process.
+fn next_name() -> String {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    let mut stamp = now;
+    let _ = LAST.fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
+        stamp = now.max(last + 1);
+        Some(stamp)
+    });
+    let counter = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{stamp:020}.{}.{counter}.msg", std::process::id())
+}
+
+/// Whether `name` is one this library writes.
+pub(crate) fn is_spool_name(name: &str) -> bool {
+    let mut parts = name.split('.');
+    let (Some(stamp), Some(pid), Some(counter), Some("msg"), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return false;
+    };
+    stamp.len() == 20
+        && [stamp, pid, counter]
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Reads a spool file that the store can trust; the reason otherwise.
+pub(crate) fn read_trusted(dirs: &Dirs, name: &str) -> std::result::Result<Entry, String> {
+    if !is_spool_name(name) {
+        return Err("the file name is not one a spool writes".to_owned());
+    }
+    let path = dirs.new.join(name);
+    let meta = fs::symlink_metadata(&path).map_err(|e| format!("cannot read it: {e}"))?;
+    if !meta.file_type().is_file() {
+        return Err("not a regular file".to_owned());
+    }
+    let owner = fs::metadata(&dirs.root)
+        .map_err(|e| format!("cannot read the spool directory: {e}"))?
+        .uid();
+    if meta.uid() != owner {
+        return Err(format!(
+            "owned by user {}, not by the spool's owner {owner}",
+            meta.uid()
+        ));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(format!(
+            "{} bytes, over the limit of {MAX_FILE_BYTES}",
+            meta.len()
+        ));
+    }
+    let bytes = fs::read(&path).map_err(|e| format!("cannot read it: {e}"))?;
+    decode(&bytes)
+}
+
+/// Sends from any process: to a store's spool directory, whether or not the
+/// app that holds the store is running, or straight to Redis.
+///
+/// ```
+/// # fn main() -> Result<(), async_messages::Error> {
+/// # let dir = tempfile::tempdir().map_err(|e| async_messages::Error::Storage { path: Default::default(), source: e.into() })?;
+/// use async_messages::{MessageStore, Spool};
+///
+/// let store = MessageStore::open(dir.path())?; // the app
+///
+/// // Another process (a cron job, a deploy script):
+/// let spool = Spool::open(dir.path())?;
+/// spool.success(42_u64, "The nightly import finished")?;
+///
+/// # let started = std::time::Instant::now();
+/// # while store.count(42_u64)? == 0 && started.elapsed().as_secs() < 10 {
+/// #     std::thread::sleep(std::time::Duration::from_millis(5));
+/// # }
+/// // The app takes it in within milliseconds (or at its next open).
+/// assert_eq!(store.get_messages(42_u64)?[0].text(), "The nightly import finished");
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Spool {
+    target: Target,
+}
+
+#[derive(Debug)]
+enum Target {
+    Dir(Dirs),
+    Store(MessageStore),
+}
+
+impl std::fmt::Debug for Dirs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dirs").field("root", &self.root).finish()
+    }
+}
+
+impl Spool {
+    /// The spool of the store in directory `store` (created, owner-only, if
+    /// missing).
+    ///
+    /// # Errors
+    /// [`Error::NotADirectory`] if `store` is a file;
+    /// [`Error::PermissionDenied`] or another storage error if the spool
+    /// directory cannot be created.
+    pub fn open(store: impl AsRef<Path>) -> Result<Spool> {
+        let store = store.as_ref();
+        if store.exists() && !store.is_dir() {
+            return Err(Error::NotADirectory {
+                path: store.to_path_buf(),
+            });
+        }
+        fs::DirBuilder::new()
+            .recursive(true)
+            .create(store)
+            .map_err(|e| io_error(store, e))?;
+        let dirs = Dirs::of(store);
+        dirs.create()?;
+        Ok(Spool {
+            target: Target::Dir(dirs),
+        })
+    }
+
+    /// Sends straight to the store on the Redis server at `url`, under
+    /// `namespace` (the store's [`Builder::namespace`](crate::Builder::namespace)):
+    /// with Redis, every process can open the store itself.
+    ///
+    /// # Errors
+    /// As for [`Builder::open`](crate::Builder::open) with a Redis URL.
+    pub fn redis(url: &str, namespace: &str) -> Result<Spool> {
+        let store = MessageStore::builder()
+            .redis(url)
+            .namespace(namespace)
+            .open()?;
+        Ok(Spool {
+            target: Target::Store(store),
+        })
+    }
+
+    /// Queues `text` for `user`. Returns once the message is durable in the
+    /// spool (fsynced and renamed into place); the store gives it an id when
+    /// it takes it in. A level below the store's minimum is dropped then.
+    ///
+    /// # Errors
+    /// As for [`MessageStore::message_user`]: [`Error::EmptyMessage`],
+    /// [`Error::MessageTooLarge`] (over the default limit of 64 KiB; the
+    /// store checks its own limit again when it takes the message in) and
+    /// [`Error::UserIdTooLong`] before anything is written;
+    /// [`Error::DiskFull`] if the spool's disk is full (nothing is left behind).
+    pub fn message_user(
+        &self,
+        user: impl Into<UserId>,
+        text: impl Into<String>,
+        level: Level,
+    ) -> Result<()> {
+        self.message_users([user.into()], text, level)
+    }
+
+    /// Queues one message for every user in `users`, all or nothing (one
+    /// spool file). A user listed twice gets it once.
+    ///
+    /// # Errors
+    /// As for [`message_user`](Self::message_user).
+    pub fn message_users<U: Into<UserId>>(
+        &self,
+        users: impl IntoIterator<Item = U>,
+        text: impl Into<String>,
+        level: Level,
+    ) -> Result<()> {
+        let text = text.into();
+        let users: Vec<UserId> = users.into_iter().map(Into::into).collect();
+        let dirs = match &self.target {
+            Target::Store(store) => return store.message_users(users, text, level).map(drop),
+            Target::Dir(dirs) => dirs,
+        };
+        if text.is_empty() {
+            return Err(Error::EmptyMessage);
+        }
+        let limit = MessageStore::DEFAULT_MAX_MESSAGE_BYTES;
+        if text.len() > limit {
+            return Err(Error::MessageTooLarge {
+                size: text.len(),
+                limit,
+            });
+        }
+        for user in &users {
+            if let UserId::Str(name) = user {
+                key::str_id_len(name)?;
+            }
+        }
+        if users.is_empty() {
+            return Ok(());
+        }
+        let entry = Entry {
+            users: users.iter().map(SpoolUser::from).collect(),
+            level: level as u8,
+            text,
+            sent_at_ms: now_ms(),
+        };
+        write_entry(dirs, &encode(&entry))
+    }
+
+    /// Queues a [`Level::Debug`] message (dropped unless the store's minimum
+    /// level is lowered).
+    ///
+    /// # Errors
+    /// As for [`message_user`](Self::message_user).
+    pub fn debug(&self, user: impl Into<UserId>, text: impl Into<String>) -> Result<()> {
+        self.message_user(user, text, Level::Debug)
+    }
+
+    /// Queues a [`Level::Info`] message.
+    ///
+    /// # Errors
+    /// As for [`message_user`](Self::message_user).
+    pub fn info(&self, user: impl Into<UserId>, text: impl Into<String>) -> Result<()> {
+        self.message_user(user, text, Level::Info)
+    }
+
+    /// Queues a [`Level::Success`] message.
+    ///
+    /// # Errors
+    /// As for [`message_user`](Self::message_user).
+    pub fn success(&self, user: impl Into<UserId>, text: impl Into<String>) -> Result<()> {
+        self.message_user(user, text, Level::Success)
+    }
+
+    /// Queues a [`Level::Warning`] message.
+    ///
+    /// # Errors
+    /// As for [`message_user`](Self::message_user).
+    pub fn warning(&self, user: impl Into<UserId>, text: impl Into<String>) -> Result<()> {
+        self.message_user(user, text, Level::Warning)
+    }
+
+    /// Queues a [`Level::Error`] message.
+    ///
+    /// # Errors
+    /// As for [`message_user`](Self::message_user).
+    pub fn error(&self, user: impl Into<UserId>, text: impl Into<String>) -> Result<()> {
+        self.message_user(user, text, Level::Error)
+    }
+}
+
+/// Writes `bytes` as a new spool file: temporary file, fsync, rename,
+/// directory fsync. On failure nothing is left behind.
+fn write_entry(dirs: &Dirs, bytes: &[u8]) -> Result<()> {
+    let name = next_name();
+    let tmp = dirs.tmp.join(&name);
+    let written = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut file: File| {
+            file.write_all(bytes)?;
+            file.sync_all()
+        })
+        .and_then(|()| fs::rename(&tmp, dirs.new.join(&name)));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(io_error(&dirs.root, e));
+    }
+    sync_dir(&dirs.new)
+}

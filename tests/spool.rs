@@ -1,0 +1,313 @@
+//! Sends from other processes through the spool directory: taken in while
+//! the app runs and at open, exactly once, in each sender's order; files
+//! that cannot be trusted are moved aside and never block the others.
+
+mod common;
+
+use std::collections::HashMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use async_messages::{Error, Level, MessageStore, Result, Spool};
+use common::child::{self, Running};
+use common::{Rng, TestDir, texts};
+
+/// Waits (up to 20 s) until `user` has `want` messages queued.
+fn wait_for_count(store: &MessageStore, user: &str, want: usize) -> Result<usize> {
+    let started = Instant::now();
+    loop {
+        let count = store.count(user)?;
+        if count >= want || started.elapsed() > Duration::from_secs(20) {
+            return Ok(count);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn spool_files(store: &Path, sub: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(store.join("spool").join(sub))
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_spooled_message_reaches_a_running_app() -> Result<()> {
+    let dir = TestDir::new();
+    let store = dir.open()?;
+    let spool = Spool::open(dir.store_path())?;
+    spool.success("alice", "Your export is ready")?;
+    spool.message_users(["alice", "bob"], "Maintenance at 22:00", Level::Warning)?;
+    assert_eq!(wait_for_count(&store, "alice", 2)?, 2);
+    let got = store.get_messages("alice")?;
+    assert_eq!(
+        texts(&got),
+        ["Your export is ready", "Maintenance at 22:00"]
+    );
+    assert_eq!(got[0].level(), Level::Success);
+    assert_eq!(got[1].level(), Level::Warning);
+    assert_eq!(
+        texts(&wait_and_drain(&store, "bob")?),
+        ["Maintenance at 22:00"]
+    );
+    assert!(spool_files(&dir.store_path(), "new").is_empty());
+    Ok(())
+}
+
+fn wait_and_drain(store: &MessageStore, user: &str) -> Result<Vec<async_messages::Message>> {
+    wait_for_count(store, user, 1)?;
+    store.get_messages(user)
+}
+
+#[test]
+fn a_spooled_message_waits_for_the_next_open_and_is_taken_once() -> Result<()> {
+    let dir = TestDir::new();
+    drop(dir.open()?);
+    let spool = Spool::open(dir.store_path())?;
+    spool.info(7_u64, "sent while the app was stopped")?;
+    let big: Vec<u64> = (1000..1400).collect();
+    spool.message_users(big.clone(), "to 400 users: one bulk record", Level::Info)?;
+    assert_eq!(spool_files(&dir.store_path(), "new").len(), 2);
+    {
+        let store = dir.open()?;
+        // Taken in during open: there before the first call.
+        assert_eq!(
+            texts(&store.get_messages(7_u64)?),
+            ["sent while the app was stopped"]
+        );
+        assert_eq!(store.stats()?.bulk_records, 1);
+        assert_eq!(
+            texts(&store.get_messages(1000_u64)?),
+            ["to 400 users: one bulk record"]
+        );
+    }
+    let store = dir.open()?;
+    assert!(store.get_messages(7_u64)?.is_empty(), "taken in twice");
+    assert!(store.get_messages(1000_u64)?.is_empty(), "taken in twice");
+    assert_eq!(
+        texts(&store.get_messages(1399_u64)?),
+        ["to 400 users: one bulk record"]
+    );
+    Ok(())
+}
+
+#[test]
+fn the_spool_is_owner_only_and_checks_input_like_the_store() -> Result<()> {
+    let dir = TestDir::new();
+    let spool = Spool::open(dir.store_path())?;
+    let mode = std::fs::metadata(dir.store_path().join("spool"))
+        .expect("spool dir")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700, "spool directory mode {mode:o}");
+    assert!(matches!(spool.info(1_u64, ""), Err(Error::EmptyMessage)));
+    assert!(matches!(
+        spool.info(
+            1_u64,
+            "x".repeat(MessageStore::DEFAULT_MAX_MESSAGE_BYTES + 1)
+        ),
+        Err(Error::MessageTooLarge { .. })
+    ));
+    let long = "u".repeat(async_messages::UserId::MAX_STR_BYTES + 1);
+    assert!(matches!(
+        spool.message_users(["ok".to_owned(), long], "hi", Level::Info),
+        Err(Error::UserIdTooLong { .. })
+    ));
+    assert!(
+        spool_files(&dir.store_path(), "new").is_empty(),
+        "a refused send left a file"
+    );
+    assert!(
+        spool_files(&dir.store_path(), "tmp").is_empty(),
+        "a refused send left a file"
+    );
+    let file = dir.store_path().with_file_name("a-file");
+    std::fs::write(&file, b"not a store").expect("write a file");
+    assert!(matches!(
+        Spool::open(&file),
+        Err(Error::NotADirectory { .. })
+    ));
+    Ok(())
+}
+
+#[test]
+fn untrusted_files_are_moved_aside_and_never_block_the_others() -> Result<()> {
+    let dir = TestDir::new();
+    drop(dir.open()?);
+    let spool = Spool::open(dir.store_path())?;
+    spool.info("ann", "first")?;
+    let new = dir.store_path().join("spool").join("new");
+    let first = spool_files(&dir.store_path(), "new").remove(0);
+    // A damaged copy (one flipped bit), under a valid later name.
+    let mut bytes = std::fs::read(new.join(&first)).expect("read");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x10;
+    let damaged = first.replace(".msg", "0.msg");
+    std::fs::write(new.join(&damaged), &bytes).expect("write damaged");
+    // A foreign file, and a valid file owned by someone else.
+    std::fs::write(new.join("notes.txt"), b"hello").expect("write foreign");
+    spool.info("ann", "second")?;
+    let foreign_owner = spool_files(&dir.store_path(), "new")
+        .into_iter()
+        .find(|n| n != &first && n != &damaged && n != "notes.txt")
+        .expect("the second file");
+    let copy = foreign_owner.replace(".msg", "1.msg");
+    std::fs::copy(new.join(&foreign_owner), new.join(&copy)).expect("copy");
+    let chowned = std::os::unix::fs::chown(new.join(&copy), Some(4242), Some(4242)).is_ok();
+    spool.info("ann", "third")?;
+
+    let store = dir.open()?;
+    assert_eq!(
+        texts(&store.get_messages("ann")?),
+        ["first", "second", "third"]
+    );
+    let mut rejected = spool_files(&dir.store_path(), "rejected");
+    rejected.sort();
+    let mut want = vec![damaged, "notes.txt".to_owned()];
+    if chowned {
+        want.push(copy.clone());
+        let uid = std::fs::metadata(dir.store_path().join("spool/rejected").join(&copy))
+            .expect("moved")
+            .uid();
+        assert_eq!(uid, 4242);
+    }
+    want.sort();
+    assert_eq!(rejected, want);
+    assert!(spool_files(&dir.store_path(), "new").is_empty());
+    Ok(())
+}
+
+#[test]
+fn one_senders_messages_keep_their_order() -> Result<()> {
+    let dir = TestDir::new();
+    let store = dir.open_fast()?;
+    let spool = Spool::open(dir.store_path())?;
+    for i in 0..100 {
+        spool.info("ord", format!("m{i:03}"))?;
+    }
+    assert_eq!(wait_for_count(&store, "ord", 100)?, 100);
+    let want: Vec<String> = (0..100).map(|i| format!("m{i:03}")).collect();
+    assert_eq!(texts(&store.get_messages("ord")?), want);
+    Ok(())
+}
+
+/// The child: holds the store open (taking in the spool) until killed.
+#[test]
+#[ignore = "child process of a_kill_during_intake_loses_nothing_and_doubles_nothing"]
+fn spool_intake_child() -> Result<()> {
+    let path = std::env::var("SPOOL_STORE").expect("SPOOL_STORE");
+    let _store = MessageStore::builder()
+        .path(path)
+        .lock_timeout(Duration::from_secs(10))
+        // Widens the window between storing a message and removing its
+        // file, where a kill tests the exactly-once mark.
+        .intake_pause_for_tests(Duration::from_millis(5))
+        .open()?;
+    child::say("open".to_owned());
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn a_kill_during_intake_loses_nothing_and_doubles_nothing() -> Result<()> {
+    const SENDERS: usize = 4;
+    const EACH: usize = 100;
+    let dir = TestDir::new();
+    drop(dir.open()?);
+    let path = dir.store_path();
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|s| {
+            let path = path.clone();
+            std::thread::spawn(move || -> Result<()> {
+                let spool = Spool::open(&path)?;
+                for i in 0..EACH {
+                    spool.info("victim", format!("{s}:{i}"))?;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    let mut rng = Rng::new(common::seed_from_env("SPOOL_SEED"));
+    let mut kills = 0;
+    while senders.iter().any(|t| !t.is_finished()) || kills < 10 {
+        let mut command = child::command("spool_intake_child");
+        command.env("SPOOL_STORE", &path);
+        let mut running = Running::spawn(command);
+        assert!(
+            running.wait_for(|line| line.ends_with("open")).is_ok(),
+            "the child did not open the store"
+        );
+        std::thread::sleep(Duration::from_millis(rng.below(40)));
+        running.kill();
+        kills += 1;
+    }
+    for sender in senders {
+        sender.join().expect("sender thread")?;
+    }
+    let store = dir.open()?;
+    let got = texts(&store.get_messages("victim")?);
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut last: HashMap<usize, usize> = HashMap::new();
+    for text in &got {
+        *seen.entry(text.clone()).or_default() += 1;
+        let (s, i) = text.split_once(':').expect("s:i");
+        let (s, i): (usize, usize) = (s.parse().expect("s"), i.parse().expect("i"));
+        if let Some(prev) = last.insert(s, i) {
+            assert!(i > prev, "sender {s}: {i} after {prev}");
+        }
+    }
+    let doubled: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(doubled.is_empty(), "taken in twice: {doubled:?}");
+    assert_eq!(
+        got.len(),
+        SENDERS * EACH,
+        "lost {} messages",
+        SENDERS * EACH - got.len()
+    );
+    assert!(spool_files(&path, "new").is_empty());
+    eprintln!(
+        "spool kill test: {} messages from {SENDERS} senders, {kills} kills of the app, lost 0, doubled 0",
+        got.len()
+    );
+    Ok(())
+}
+
+#[test]
+fn a_full_disk_at_the_sender_is_disk_full_and_leaves_nothing_behind() -> Result<()> {
+    let Some(mount) = common::mount::Mount::tmpfs("1m") else {
+        return Ok(());
+    };
+    let store = mount.point.join("store");
+    let spool = Spool::open(&store)?;
+    // Fill the disk, leaving less than one message.
+    let filler = std::fs::File::create(mount.point.join("filler")).expect("filler");
+    let mut left = vec![0_u8; 4096];
+    let mut filler = std::io::BufWriter::new(filler);
+    while std::io::Write::write_all(&mut filler, &left).is_ok() {}
+    drop(filler);
+    left.clear();
+    let error = spool
+        .info("ann", "x".repeat(60_000))
+        .expect_err("a full disk must be an error");
+    assert!(matches!(error, Error::DiskFull { .. }), "{error:?}");
+    assert!(
+        spool_files(&store, "new").is_empty(),
+        "a failed send left a file"
+    );
+    assert!(
+        spool_files(&store, "tmp").is_empty(),
+        "a failed send left a file"
+    );
+    // Space again: the same spool works.
+    std::fs::remove_file(mount.point.join("filler")).expect("free space");
+    spool.info("ann", "after")?;
+    assert_eq!(spool_files(&store, "new").len(), 1);
+    Ok(())
+}
