@@ -35,8 +35,8 @@ fn commit() -> String {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
     };
     let head = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
-    let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
-        .is_some_and(|s| !s.is_empty());
+    let dirty =
+        git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
     if dirty { format!("{head}-dirty") } else { head }
 }
 
@@ -84,7 +84,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         percentile(&arrive, 0.5),
         p99,
         arrive[arrive.len() - 1],
-        if p99 <= Duration::from_millis(50) { "met" } else { "missed" }
+        if p99 <= Duration::from_millis(50) {
+            "met"
+        } else {
+            "missed"
+        }
     );
     Ok(())
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_messages::{Error, Level, MessageStore, Result, UserId};
 use common::mount::Mount;
-use common::{TestDir, missing_prerequisite, raw_db, texts};
+use common::{TestDir, raw_db, texts};
 
 /// A store holding two messages for user 1 and one for "ann".
 fn seeded(dir: &TestDir) -> Result<MessageStore> {

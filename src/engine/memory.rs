@@ -67,14 +67,11 @@ impl MemoryEngine {
         let mut recipients = 0;
         for user in users {
             let queue = state.queues.entry(user).or_default();
-            if !queue.contains_key(&id) {
-                queue.insert(
-                    id,
-                    Entry {
-                        body: body.clone(),
-                        lease: None,
-                    },
-                );
+            if let std::collections::btree_map::Entry::Vacant(slot) = queue.entry(id) {
+                slot.insert(Entry {
+                    body: body.clone(),
+                    lease: None,
+                });
                 recipients += 1;
             }
         }

@@ -66,6 +66,9 @@ struct BulkCache {
     bulks: BTreeMap<u64, Arc<CachedBulk>>,
 }
 
+/// The cached bulk sends that list one user, with their ids as fields.
+type Candidates = Vec<(String, Arc<CachedBulk>)>;
+
 struct CachedBulk {
     level: crate::Level,
     sent_at_ms: u64,
@@ -167,6 +170,33 @@ impl Shared {
         }
     }
 
+    /// Runs one of the scripts that read a user's queue (lease, peek, any):
+    /// KEYS q, l, bulks; ARGV ns, u, `extra`, '(' ‖ the newest bulk id in
+    /// the cache, then the cached bulk sends that list the user. Refreshes
+    /// the cache and runs it again while the script answers `stale`.
+    fn run_for_user(
+        &self,
+        script: &Script,
+        user: &UserId,
+        u: &[u8],
+        extra: &[&str],
+    ) -> Result<(Value, Candidates)> {
+        let (q, l, bulks) = (self.key("q", u), self.key("l", u), self.key("bulks", b""));
+        self.with_candidates(user, |known, candidates| {
+            let mut call = script.prepare_invoke();
+            call.key(&q).key(&l).key(&bulks).arg(&self.ns).arg(u);
+            for arg in extra {
+                call.arg(*arg);
+            }
+            call.arg(known);
+            for (f, _) in candidates {
+                call.arg(f);
+            }
+            let reply: Value = self.pool.run(true, |con| call.invoke(con))?;
+            Ok((!is_stale(&reply)).then(|| (reply, candidates.to_vec())))
+        })
+    }
+
     /// Reads the live bulk sends: new ones are fetched and decoded, gone
     /// ones dropped.
     fn refresh_bulks(&self) -> Result<()> {
@@ -250,27 +280,13 @@ impl Shared {
 
     fn lease(self: &Arc<Self>, user: &UserId) -> Result<Option<RedisLease>> {
         let u = key::user_prefix(user)?;
-        let (q, l, bulks) = (self.key("q", &u), self.key("l", &u), self.key("bulks", b""));
+        let l = self.key("l", &u);
         let token = self.tokens.next();
-        let timeout_ms = self.common.lease_timeout.as_millis().max(1);
-        let (reply, candidates) = self.with_candidates(user, |known, candidates| {
-            let mut call = self.scripts.lease.prepare_invoke();
-            call.key(&q)
-                .key(&l)
-                .key(&bulks)
-                .arg(&self.ns)
-                .arg(&u)
-                .arg(&token)
-                .arg(timeout_ms.to_string())
-                .arg(known);
-            for (f, _) in candidates {
-                call.arg(f);
-            }
-            // Safe to retry: a lease whose reply was lost only hides its
-            // messages until it times out.
-            let reply: Value = self.pool.run(true, |con| call.invoke(con))?;
-            Ok((!is_stale(&reply)).then(|| (reply, candidates.to_vec())))
-        })?;
+        let timeout_ms = self.common.lease_timeout.as_millis().max(1).to_string();
+        // Safe to retry: a lease whose reply was lost only hides its
+        // messages until it times out.
+        let (reply, candidates) =
+            self.run_for_user(&self.scripts.lease, user, &u, &[&token, &timeout_ms])?;
         let (own, taken) = match reply {
             Value::Array(mut parts) if parts.len() == 2 => {
                 let taken = parts.pop().unwrap_or_default();
@@ -466,27 +482,9 @@ impl Engine for RedisEngine {
         let Ok(u) = key::user_prefix(user) else {
             return false;
         };
-        let (q, l, bulks) = (
-            shared.key("q", &u),
-            shared.key("l", &u),
-            shared.key("bulks", b""),
-        );
-        let answer = shared.with_candidates(user, |known, candidates| {
-            let mut call = shared.scripts.any.prepare_invoke();
-            call.key(&q)
-                .key(&l)
-                .key(&bulks)
-                .arg(&shared.ns)
-                .arg(&u)
-                .arg(known);
-            for (f, _) in candidates {
-                call.arg(f);
-            }
-            let reply: Value = shared.pool.run(true, |con| call.invoke(con))?;
-            Ok((!is_stale(&reply)).then_some(!matches!(reply, Value::Int(0))))
-        });
+        let answer = shared.run_for_user(&shared.scripts.any, user, &u, &[]);
         // Unreachable: "maybe", so that the caller's drain reports the error.
-        answer.unwrap_or(true)
+        answer.map_or(true, |(reply, _)| !matches!(reply, Value::Int(0)))
     }
 
     fn may_have_is_local(&self) -> bool {
@@ -496,25 +494,8 @@ impl Engine for RedisEngine {
     fn peek(&self, user: &UserId) -> Result<Vec<Message>> {
         let shared = &self.shared;
         let u = key::user_prefix(user)?;
-        let (q, l, bulks) = (
-            shared.key("q", &u),
-            shared.key("l", &u),
-            shared.key("bulks", b""),
-        );
-        let (reply, candidates) = shared.with_candidates(user, |known, candidates| {
-            let mut call = shared.scripts.peek.prepare_invoke();
-            call.key(&q)
-                .key(&l)
-                .key(&bulks)
-                .arg(&shared.ns)
-                .arg(&u)
-                .arg(known);
-            for (f, _) in candidates {
-                call.arg(f);
-            }
-            let reply: Value = shared.pool.run(true, |con| call.invoke(con))?;
-            Ok((!is_stale(&reply)).then(|| (reply, candidates.to_vec())))
-        })?;
+        let (q, l) = (shared.key("q", &u), shared.key("l", &u));
+        let (reply, candidates) = shared.run_for_user(&shared.scripts.peek, user, &u, &[])?;
         let Value::Array(parts) = reply else {
             return Err(shared.unexpected(&reply));
         };
