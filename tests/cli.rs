@@ -79,6 +79,15 @@ fn int_key(user: u64, seq: u64) -> Vec<u8> {
     key
 }
 
+/// Files in the store's spool (waiting, being written, or rejected).
+fn spool_files(dir: &TestDir) -> usize {
+    ["new", "tmp", "rejected"]
+        .iter()
+        .filter_map(|sub| std::fs::read_dir(dir.store_path().join("spool").join(sub)).ok())
+        .map(Iterator::count)
+        .sum()
+}
+
 /// A closed store with three messages for user 42, one for "alice".
 fn small_store(dir: &TestDir) -> Result<()> {
     let store = dir.open()?;
@@ -130,6 +139,29 @@ fn a_send_while_no_app_runs_is_there_at_the_next_open() -> Result<()> {
     assert_eq!(texts(&store.get_messages("7")?), ["as a string"]);
     assert!(store.get_messages(7_u64)?.is_empty());
     Ok(())
+}
+
+#[test]
+fn a_read_command_takes_in_the_spool_and_keeps_debug_messages() {
+    let dir = TestDir::new();
+    let store = arg(&dir.store_path()).to_owned();
+    cli()
+        .args(["send", &store, "42", "details", "--level", "debug"])
+        .assert()
+        .success()
+        .stderr(predicate::str::contains("minimum level is debug"));
+    cli()
+        .args(["count", &store, "42"])
+        .assert()
+        .success()
+        .stdout("1\n");
+    cli()
+        .args(["peek", &store, "42", "--json"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            r#""level":"debug","text":"details""#,
+        ));
 }
 
 // (b) Concurrent senders.
@@ -379,6 +411,7 @@ fn bad_sends_exit_1_with_a_sentence_and_store_nothing() -> Result<()> {
             .stdout("")
             .stderr(one_sentence().and(predicate::str::contains(expected)));
     }
+    assert_eq!(spool_files(&dir), 0, "a bad send left a spool file");
     // Opening takes in anything spooled: there is nothing.
     let store = dir.open()?;
     assert_eq!(store.users()?, [UserId::Int(9)]);
@@ -398,6 +431,25 @@ fn bad_sends_to_a_new_path_leave_nothing_behind() {
         cli().args(&args).assert().code(1).stderr(one_sentence());
         assert!(!dir.store_path().exists(), "{args:?} created the store");
     }
+}
+
+#[test]
+fn a_send_by_another_user_than_the_stores_owner_is_refused() -> Result<()> {
+    let dir = TestDir::new();
+    dir.open()?.info(9_u64, "already there")?;
+    // Only root can give the store away; as another user, there is nothing
+    // to show (the spool's 0700 directory already refuses other users).
+    let spool = dir.store_path().join("spool");
+    if std::os::unix::fs::chown(&spool, Some(54_321), None).is_err() {
+        return Ok(());
+    }
+    cli()
+        .args(["send", arg(&dir.store_path()), "42", "hi"])
+        .assert()
+        .code(1)
+        .stderr(one_sentence().and(predicate::str::contains("belongs to user 54321")));
+    assert_eq!(spool_files(&dir), 0);
+    Ok(())
 }
 
 #[test]
@@ -729,7 +781,9 @@ fn export_into_a_closed_pipe_stops_quietly() -> Result<()> {
     // The reader is gone (dropped above), as with `export | head -1`.
     let out = child.wait_with_output().expect("wait");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!err.contains("panicked"), "{err}");
+    // Without its handling, the write would panic (exit code 101).
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err, "", "nothing to say to a reader that left");
     Ok(())
 }
 
