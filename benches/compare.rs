@@ -6,6 +6,8 @@
 //! cargo bench --bench compare                  # full run (1,000,000 recipients), for README
 //! cargo bench --bench compare -- --quick       # smoke run, small sizes, about 20 s
 //! cargo bench --bench compare -- --only drain  # one workload: bulk disk drain empty durable single
+//! cargo bench --bench compare --features redis            # + the Redis engine's rows
+//! cargo bench --bench compare --features redis -- --only redis --quick  # the Redis rows alone
 //! ```
 //!
 //! Every (workload, implementation) pair runs in its own child process (this
@@ -37,6 +39,22 @@
 //!   what makes it power-safe like ours) and SQLite `synchronous=FULL`
 //!   (fsync per commit), its durable writes all going through one shared
 //!   connection behind a mutex.
+//!
+//! # The Redis engine (feature `redis`)
+//! Built with `--features redis` and with `redis-server` on `PATH`, the
+//! same run adds our store on Redis (`Builder::redis`) to the bulk, drain,
+//! empty, single and durable workloads, printed as a second table beside
+//! the figures of ours on sled, raw sled and SQLite. Each Redis child
+//! starts its own `redis-server` (tests/common/redis.rs: a free port of
+//! 127.0.0.1, its own temporary directory, `--save "" --appendonly yes`),
+//! with `--appendfsync everysec` (about `Periodic(1 s)`: the no-fsync
+//! class) or, for the rows that promise "durable when it returns",
+//! `--appendfsync always` (Redis fsyncs the AOF before it replies). The
+//! server is another process, reached over loopback TCP: its CPU and memory
+//! are not in the child's figures (its memory is reported apart). Without
+//! the feature, or without `redis-server`, the run says why the Redis rows
+//! are missing. `--only redis` runs just the workloads with Redis rows,
+//! with ours on sled and the baselines those rows compare with.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -48,6 +66,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_messages::{Durability, Level, MessageStore};
 use parking_lot::Mutex;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+/// A real `redis-server` per child (the integration tests' helper).
+#[allow(dead_code)]
+#[path = "../tests/common/redis.rs"]
+mod redis_server;
+
+use redis_server::RedisServer;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 type Report = BTreeMap<String, f64>;
@@ -71,6 +96,10 @@ const REPEATS: usize = 3;
 const WORKLOADS: [&str; 6] = ["bulk", "disk", "drain", "empty", "durable", "single"];
 /// Thread counts of the durable-send workload (64: a web server's concurrency).
 const DURABLE_THREADS: [u64; 3] = [1, 8, 64];
+/// Thread counts of the durable-send workload on Redis (`appendfsync always`).
+const REDIS_DURABLE_THREADS: [u64; 2] = [1, 64];
+/// The key prefix of our store on Redis.
+const REDIS_NAMESPACE: &str = "compare";
 
 /// Sizes for one run.
 struct Sizes {
@@ -147,8 +176,9 @@ fn main() -> Res<()> {
         .and_then(|at| args.get(at + 1).cloned());
     if let Some(only) = &only
         && !WORKLOADS.contains(&only.as_str())
+        && only != "redis"
     {
-        return Err(format!("--only {only}: one of {}", WORKLOADS.join(" ")).into());
+        return Err(format!("--only {only}: one of {} redis", WORKLOADS.join(" ")).into());
     }
     parent(quick, only.as_deref())
 }
@@ -210,34 +240,108 @@ impl Results {
     }
 }
 
+/// Why this run has no Redis rows, or `None` when it has them.
+fn redis_missing() -> Option<String> {
+    if !cfg!(feature = "redis") {
+        return Some(
+            "this bench was built without the crate's `redis` feature: \
+             `cargo bench --bench compare --features redis` adds them"
+                .into(),
+        );
+    }
+    if redis_server::redis_server_path().is_none() {
+        return Some(
+            "`redis-server` is not on PATH: install it (Debian/Ubuntu: `sudo apt-get install redis-server`; \
+             its service need not run, the bench starts its own servers) and run again"
+                .into(),
+        );
+    }
+    None
+}
+
+/// Whether `--only redis` runs `imp` of `workload`: the Redis children and
+/// those whose figures the Redis rows compare with.
+fn for_redis_rows(workload: &str, imp: &str) -> bool {
+    match workload {
+        "disk" => false,
+        "durable" => {
+            !imp.starts_with("sled-")
+                && REDIS_DURABLE_THREADS
+                    .iter()
+                    .any(|t| imp.ends_with(&format!("-{t}")))
+        }
+        _ => !matches!(imp, "ours-durable" | "sqlite-full"),
+    }
+}
+
 fn parent(quick: bool, only: Option<&str>) -> Res<()> {
     let sizes = Sizes::new(quick);
-    let durable_imps: Vec<String> = ["ours", "sled", "sledsync", "sqlite"]
-        .iter()
-        .flat_map(|name| DURABLE_THREADS.map(|t| format!("{name}-{t}")))
-        .collect();
-    let durable_imps: Vec<&str> = durable_imps.iter().map(String::as_str).collect();
-    let plan: Vec<(&str, &[&str], u64)> = vec![
-        ("bulk", &["ours", "sled", "sqlite"], sizes.recipients),
-        ("disk", &["ours", "sled", "sqlite"], sizes.recipients),
+    let redis_missing = redis_missing();
+    if let (Some(why), Some("redis")) = (&redis_missing, only) {
+        return Err(format!("--only redis: no Redis rows: {why}").into());
+    }
+    let with_redis = |imps: &[&str], redis: &[&str]| -> Vec<String> {
+        let redis = if redis_missing.is_none() { redis } else { &[] };
+        imps.iter().chain(redis).map(|s| (*s).to_owned()).collect()
+    };
+    let threads = |names: &[&str], threads: &[u64]| -> Vec<String> {
+        names
+            .iter()
+            .flat_map(|name| threads.iter().map(move |t| format!("{name}-{t}")))
+            .collect()
+    };
+    let mut durable_imps = threads(&["ours", "sled", "sledsync", "sqlite"], &DURABLE_THREADS);
+    if redis_missing.is_none() {
+        durable_imps.extend(threads(&["redis"], &REDIS_DURABLE_THREADS));
+    }
+    let plan: Vec<(&str, Vec<String>, u64)> = vec![
         (
-            "drain",
-            &["ours", "sled", "sqlite", "ours-durable", "sqlite-full"],
+            "bulk",
+            with_redis(&["ours", "sled", "sqlite"], &["redis-always", "redis"]),
             sizes.recipients,
         ),
-        ("empty", &["ours", "sled", "sqlite"], sizes.recipients),
-        ("durable", &durable_imps, sizes.durable_ms),
-        ("single", &["ours", "sled", "sqlite"], sizes.single_sends),
+        (
+            "disk",
+            with_redis(&["ours", "sled", "sqlite"], &[]),
+            sizes.recipients,
+        ),
+        (
+            "drain",
+            with_redis(
+                &["ours", "sled", "sqlite", "ours-durable", "sqlite-full"],
+                &["redis"],
+            ),
+            sizes.recipients,
+        ),
+        (
+            "empty",
+            with_redis(&["ours", "sled", "sqlite"], &["redis"]),
+            sizes.recipients,
+        ),
+        ("durable", durable_imps, sizes.durable_ms),
+        (
+            "single",
+            with_redis(&["ours", "sled", "sqlite"], &["redis"]),
+            sizes.single_sends,
+        ),
     ];
     eprintln!(
         "compare: {} mode; each line is one child process",
         if quick { "quick" } else { "full" }
     );
+    if let Some(why) = &redis_missing {
+        eprintln!("compare: no Redis rows: {why}");
+    }
     let load_before = loadavg();
     let started = Instant::now();
     let mut results = Results(BTreeMap::new());
-    for (workload, imps, n) in plan {
-        if only.is_some_and(|o| o != workload) {
+    for (workload, mut imps, n) in plan {
+        match only {
+            Some("redis") => imps.retain(|imp| for_redis_rows(workload, imp)),
+            Some(o) if o != workload => continue,
+            _ => {}
+        }
+        if imps.is_empty() {
             continue;
         }
         // Short workloads run REPEATS times, implementations interleaved,
@@ -247,7 +351,7 @@ fn parent(quick: bool, only: Option<&str>) -> Res<()> {
         let repeats = if workload == "disk" { 1 } else { REPEATS };
         let mut runs: BTreeMap<&str, Vec<Report>> = BTreeMap::new();
         for _ in 0..repeats {
-            for imp in imps {
+            for imp in &imps {
                 runs.entry(imp)
                     .or_default()
                     .push(run_child(workload, imp, n, quick)?);
@@ -260,18 +364,41 @@ fn parent(quick: bool, only: Option<&str>) -> Res<()> {
         }
     }
     print_header(quick, &sizes);
-    let verdicts = print_table(&results, &sizes);
-    let met_count = verdicts.iter().filter(|&&v| v).count();
-    println!();
-    println!(
-        "Goals: {met_count} met, {} missed{}.",
-        verdicts.len() - met_count,
-        if quick {
-            " (quick run: small sizes, short runs; the verdicts are a smoke test, not the measurement)"
-        } else {
-            ""
+    let smoke = if quick {
+        " (quick run: small sizes, short runs; the verdicts are a smoke test, not the measurement)"
+    } else {
+        ""
+    };
+    if only != Some("redis") {
+        let verdicts = print_table(&results, &sizes);
+        let met_count = verdicts.iter().filter(|&&v| v).count();
+        println!();
+        println!(
+            "Goals: {met_count} met, {} missed{smoke}.",
+            verdicts.len() - met_count,
+        );
+    }
+    match &redis_missing {
+        Some(why) => {
+            println!();
+            println!("Redis rows: skipped: {why}.");
         }
-    );
+        None => {
+            let rows = redis_rows(&results, &sizes);
+            println!();
+            if rows.is_empty() {
+                println!("Redis rows: none in this run (`--only redis` gives them alone).");
+            } else {
+                let verdicts = print_redis_table(rows);
+                let met_count = verdicts.iter().filter(|&&v| v).count();
+                println!();
+                println!(
+                    "Redis goals: {met_count} met, {} missed{smoke}; counted apart from the goals above.",
+                    verdicts.len() - met_count,
+                );
+            }
+        }
+    }
     println!(
         "Run: {:.0} s; load average (1 min) before {load_before}, after {} (on {} CPUs).",
         started.elapsed().as_secs_f64(),
@@ -771,6 +898,286 @@ fn durable_rows(r: &Results, rows: &mut Vec<Row>) {
     }
 }
 
+/// One row of the Redis table.
+struct RedisRow {
+    workload: String,
+    redis: String,
+    ours: String,
+    sled: String,
+    sqlite: String,
+    ratio: String,
+    goal: String,
+    /// `Some` when a goal applies to the Redis figure, `None` for a row
+    /// given for information.
+    met: Option<Option<bool>>,
+}
+
+/// Bytes as kB below a megabyte, else as MB.
+fn fmt_size(bytes: Option<f64>) -> String {
+    match bytes {
+        Some(b) if b.abs() < 1e6 => format!("{:.1} kB", b / 1e3),
+        b => fmt_mb(b),
+    }
+}
+
+/// Prints the Redis table; returns the verdicts of the goals that apply.
+fn print_redis_table(rows: Vec<RedisRow>) -> Vec<bool> {
+    println!(
+        "Our store on Redis {} (feature `redis`), beside ours on sled, raw sled and SQLite of the same run: \
+         one `redis-server` per child process on 127.0.0.1, `--save \"\" --appendonly yes`, \
+         `--appendfsync everysec` unless a row says `always`.",
+        redis_version()
+    );
+    println!();
+    println!(
+        "| workload (Redis) | async-messages on Redis | async-messages on sled | raw sled 0.34.7 | SQLite | ratio | goal | |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut verdicts = Vec::new();
+    for row in rows {
+        let verdict = match row.met {
+            None => "(informational)",
+            Some(None) => "–",
+            Some(Some(true)) => "**met**",
+            Some(Some(false)) => "**missed**",
+        };
+        if let Some(Some(met)) = row.met {
+            verdicts.push(met);
+        }
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {verdict} |",
+            row.workload, row.redis, row.ours, row.sled, row.sqlite, row.ratio, row.goal
+        );
+    }
+    println!();
+    println!(
+        "- fsync policy: `always` = Redis fsyncs its AOF before it replies (durable when it returns, the class of \
+         `Immediate`, sled + fdatasync and SQLite FULL); everysec = written to the AOF before the reply, fsynced once \
+         a second (the class of `Periodic`, sled without flush and SQLite NORMAL)."
+    );
+    println!(
+        "- Goals that apply to Redis: the bulk send (≥ 10× SQLite) and the 64 durable writers (≥ 10× SQLite FULL, \
+         ≥ 5× one writer), measured with `always`, the promise of the rows they come from; the peak RSS of a bulk \
+         send, for the client process (the server's growth is given beside it). The drain, empty-queue and \
+         single-send goals were set for an in-process store: on Redis each of those calls is a round trip over \
+         loopback TCP to another process (a drain that finds messages: two, lease and commit), so those rows are \
+         informational."
+    );
+    println!(
+        "- The server is another process: its CPU (it shares this machine's cores with the client) is not in the \
+         client's figures, nor its memory in the client's RSS. Server memory = growth of `INFO memory` \
+         `used_memory`; AOF = allocated bytes of its `appendonlydir`. Rows: the median of {REPEATS} runs, each on \
+         a fresh server."
+    );
+    verdicts
+}
+
+fn redis_rows(r: &Results, sizes: &Sizes) -> Vec<RedisRow> {
+    let n = sizes.recipients;
+    let mut rows = Vec::new();
+    if r.has("bulk") {
+        let always = r.get("bulk", "redis-always", "rate");
+        let ours = r.get("bulk", "ours", "rate");
+        let sqlite = r.get("bulk", "sqlite", "rate");
+        let vs = ratio(always, sqlite);
+        rows.push(RedisRow {
+            workload: format!(
+                "`message_users` to {} users (the same ids), durable when it returns (recipients/s)",
+                group(n as f64)
+            ),
+            redis: format!(
+                "{} (`always`); everysec {}",
+                fmt_rate(always),
+                fmt_rate(r.get("bulk", "redis", "rate"))
+            ),
+            ours: format!("{} (`Immediate`)", fmt_rate(ours)),
+            sled: format!(
+                "{} (flush + fdatasync)",
+                fmt_rate(r.get("bulk", "sled", "rate"))
+            ),
+            sqlite: format!("{} (FULL)", fmt_rate(sqlite)),
+            ratio: format!(
+                "{} SQLite, {} ours on sled",
+                fmt_ratio(vs),
+                fmt_ratio(ratio(always, ours))
+            ),
+            goal: "≥ 10× SQLite".into(),
+            met: Some(vs.map(|x| x >= 10.0)),
+        });
+        let above = |imp: &str| {
+            let kb = r.get("bulk", imp, "send_hwm_kb")? - r.get("bulk", imp, "idle_kb")?;
+            Some(kb.max(0.0) * 1024.0)
+        };
+        let client = above("redis-always");
+        rows.push(RedisRow {
+            workload: "peak RSS above idle during that send".into(),
+            redis: format!(
+                "{} (client; idle {}); server {} (`used_memory` growth), AOF {}",
+                fmt_mb(client),
+                fmt_mb(
+                    r.get("bulk", "redis-always", "idle_kb")
+                        .map(|kb| kb * 1024.0)
+                ),
+                fmt_size(r.get("bulk", "redis-always", "server_bytes")),
+                fmt_size(r.get("bulk", "redis-always", "aof_bytes"))
+            ),
+            ours: fmt_mb(above("ours")),
+            sled: fmt_mb(above("sled")),
+            sqlite: fmt_mb(above("sqlite")),
+            ratio: format!(
+                "{} the limit (client)",
+                fmt_ratio(ratio(client, Some(RSS_LIMIT_BYTES)))
+            ),
+            goal: format!("≤ {} (the client)", fmt_mb(Some(RSS_LIMIT_BYTES))),
+            met: Some(client.map(|b| b <= RSS_LIMIT_BYTES)),
+        });
+    }
+    if r.has("drain") {
+        for pct in ["p99", "p50"] {
+            let redis = r.get("drain", "redis", pct);
+            let ours = r.get("drain", "ours", pct);
+            let sqlite = r.get("drain", "sqlite", pct);
+            rows.push(RedisRow {
+                workload: format!(
+                    "`get_messages` of a user holding 1 bulk (to {}) + 1 direct message, {pct}",
+                    group(n as f64)
+                ),
+                redis: if pct == "p50" {
+                    format!(
+                        "{} (lease + commit: 2 round trips; server {:+.0} bytes per drain)",
+                        fmt_ns(redis),
+                        r.get("drain", "redis", "server_bytes_per_drain")
+                            .unwrap_or(f64::NAN)
+                    )
+                } else {
+                    format!("{} (lease + commit: 2 round trips)", fmt_ns(redis))
+                },
+                ours: format!("{} (`Periodic`)", fmt_ns(ours)),
+                sled: format!("{} (scan + remove)", fmt_ns(r.get("drain", "sled", pct))),
+                sqlite: format!("{} (NORMAL)", fmt_ns(sqlite)),
+                ratio: format!(
+                    "{} SQLite, {} ours on sled",
+                    fmt_ratio(ratio(redis, sqlite)),
+                    fmt_ratio(ratio(redis, ours))
+                ),
+                goal: if pct == "p99" {
+                    "(≤ 1.0× SQLite is for an in-process store)".into()
+                } else {
+                    "(report)".into()
+                },
+                met: None,
+            });
+        }
+    }
+    if r.has("empty") {
+        for pct in ["p50", "p99"] {
+            let redis = r.get("empty", "redis", pct);
+            let ours = r.get("empty", "ours", pct);
+            let sqlite = r.get("empty", "sqlite", pct);
+            rows.push(RedisRow {
+                workload: format!(
+                    "`get_messages`, empty queue, {pct} (a bulk to {} other users pending)",
+                    group(n as f64)
+                ),
+                redis: format!("{} (1 round trip)", fmt_ns(redis)),
+                ours: fmt_ns(ours),
+                sled: format!("{} (scan_prefix)", fmt_ns(r.get("empty", "sled", pct))),
+                sqlite: format!("{} (SELECT)", fmt_ns(sqlite)),
+                ratio: format!(
+                    "{} SQLite, {} ours on sled",
+                    fmt_ratio(ratio(redis, sqlite)),
+                    fmt_ratio(ratio(redis, ours))
+                ),
+                goal: if pct == "p50" {
+                    "(≤ 1.0 µs is for an answer from memory)".into()
+                } else {
+                    "(report)".into()
+                },
+                met: None,
+            });
+        }
+    }
+    if r.has("durable") {
+        let rate = |imp: &str, t: u64| r.get("durable", &format!("{imp}-{t}"), "rate");
+        let sqlite_best = best(DURABLE_THREADS.map(|t| rate("sqlite", t)));
+        let redis64 = rate("redis", 64);
+        let vs_sqlite = ratio(redis64, sqlite_best);
+        rows.push(RedisRow {
+            workload: "durable sends, 64 threads (msgs/s)".into(),
+            redis: format!("{} (`always`)", fmt_rate(redis64)),
+            ours: format!("{} (`Immediate`)", fmt_rate(rate("ours", 64))),
+            sled: format!("{} (+ fdatasync)", fmt_rate(rate("sledsync", 64))),
+            sqlite: format!(
+                "{} (FULL, 64 threads; best {})",
+                fmt_rate(rate("sqlite", 64)),
+                fmt_rate(sqlite_best)
+            ),
+            ratio: format!(
+                "{} SQLite's best, {} ours on sled",
+                fmt_ratio(vs_sqlite),
+                fmt_ratio(ratio(redis64, rate("ours", 64)))
+            ),
+            goal: "≥ 10× SQLite FULL (its best thread count)".into(),
+            met: Some(vs_sqlite.map(|x| x >= 10.0)),
+        });
+        let vs_one = ratio(redis64, rate("redis", 1));
+        rows.push(RedisRow {
+            workload: "… the same against one thread on Redis".into(),
+            redis: format!(
+                "{} (1 thread {})",
+                fmt_rate(redis64),
+                fmt_rate(rate("redis", 1))
+            ),
+            ours: format!(
+                "{} (1 thread {})",
+                fmt_rate(rate("ours", 64)),
+                fmt_rate(rate("ours", 1))
+            ),
+            sled: "–".into(),
+            sqlite: "–".into(),
+            ratio: format!("{} 1 thread", fmt_ratio(vs_one)),
+            goal: "≥ 5× 1 thread".into(),
+            met: Some(vs_one.map(|x| x >= 5.0)),
+        });
+        rows.push(RedisRow {
+            workload: "durable sends, 1 thread".into(),
+            redis: format!("{} (`always`)", fmt_rate(rate("redis", 1))),
+            ours: format!("{} (`Immediate`)", fmt_rate(rate("ours", 1))),
+            sled: format!("{} (+ fdatasync)", fmt_rate(rate("sledsync", 1))),
+            sqlite: format!("{} (FULL)", fmt_rate(rate("sqlite", 1))),
+            ratio: format!(
+                "{} SQLite, {} ours on sled",
+                fmt_ratio(ratio(rate("redis", 1), rate("sqlite", 1))),
+                fmt_ratio(ratio(rate("redis", 1), rate("ours", 1)))
+            ),
+            goal: "(report)".into(),
+            met: None,
+        });
+    }
+    if r.has("single") {
+        let redis = r.get("single", "redis", "rate");
+        let sled = r.get("single", "sled", "rate");
+        rows.push(RedisRow {
+            workload: format!(
+                "single sends, 1 thread, {} msgs",
+                group(sizes.single_sends as f64)
+            ),
+            redis: format!("{} (everysec; 1 round trip each)", fmt_rate(redis)),
+            ours: format!("{} (`Periodic`)", fmt_rate(r.get("single", "ours", "rate"))),
+            sled: fmt_rate(sled),
+            sqlite: format!("{} (NORMAL)", fmt_rate(r.get("single", "sqlite", "rate"))),
+            ratio: format!(
+                "{} raw sled, {} ours on sled",
+                fmt_ratio(ratio(redis, sled)),
+                fmt_ratio(ratio(redis, r.get("single", "ours", "rate")))
+            ),
+            goal: "(≥ 0.8× raw sled is for an in-process store)".into(),
+            met: None,
+        });
+    }
+    rows
+}
+
 // ----------------------------------------------------------------- child --
 
 fn child(workload: &str, imp: &str, n: u64, sizes: &Sizes) -> Res<Report> {
@@ -880,6 +1287,52 @@ fn ours(dir: &Path, durability: Durability) -> Res<MessageStore> {
         .durability(durability)
         .cache_bytes(cache_bytes()?)
         .open()?)
+}
+
+/// A `redis-server` of this child (`appendfsync always` for an impl named
+/// `…-always`, else `everysec`) and our store on it.
+fn redis_store(imp: &str) -> Res<(RedisServer, MessageStore)> {
+    let policy = if imp.ends_with("-always") {
+        "always"
+    } else {
+        "everysec"
+    };
+    let server = RedisServer::builder().appendfsync(policy).start();
+    let store = MessageStore::builder()
+        .redis(server.url())
+        .namespace(REDIS_NAMESPACE)
+        .open()?;
+    Ok((server, store))
+}
+
+/// One numeric field of the server's `INFO section` (NaN if absent).
+fn server_info(server: &RedisServer, section: &str, field: &str) -> f64 {
+    server
+        .command(&["INFO", section])
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// What tests/common/redis.rs reports through `super::` when
+/// `redis-server` is missing (its `start_or_skip`; the bench checks first).
+#[allow(dead_code)]
+fn missing_prerequisite(reason: &str) {
+    eprintln!("{reason}");
+}
+
+/// `redis-server --version`'s version (`7.0.15`), or `?`.
+fn redis_version() -> String {
+    redis_server::redis_server_path()
+        .and_then(|path| Command::new(path).arg("--version").output().ok())
+        .and_then(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .find_map(|word| word.strip_prefix("v="))
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "?".into())
 }
 
 // ------------------------------------------------------------- raw sled --
@@ -1166,6 +1619,26 @@ fn bulk(dir: &Path, imp: &str, n: u64, report: &mut Report) -> Res<()> {
                 Ok(())
             })?;
         }
+        "redis" | "redis-always" => {
+            let (server, store) = redis_store(imp)?;
+            let used_before = server_info(&server, "memory", "used_memory");
+            idle(report);
+            timed(report, n, || {
+                let sent = store.message_users(recipients(n), TEXT, Level::Info)?;
+                assert_eq!(sent.recipients(), n);
+                Ok(())
+            })?;
+            report.insert("send_hwm_kb".into(), status_kb("VmHWM"));
+            report.insert(
+                "server_bytes".into(),
+                server_info(&server, "memory", "used_memory") - used_before,
+            );
+            report.insert(
+                "aof_bytes".into(),
+                du(&server.dir().join("appendonlydir")).unwrap_or(f64::NAN),
+            );
+            return Ok(());
+        }
         _ => return Err(format!("unknown impl {imp}").into()),
     }
     report.insert("send_hwm_kb".into(), status_kb("VmHWM"));
@@ -1326,6 +1799,24 @@ fn drain(dir: &Path, imp: &str, n: u64, sizes: &Sizes, report: &mut Report) -> R
                 Ok((got.len(), got.first().is_some_and(|m| m.2 == TEXT)))
             })?;
         }
+        "redis" => {
+            let (server, store) = redis_store(imp)?;
+            store.message_users(recipients(n), TEXT, Level::Info)?;
+            for k in 0..samples {
+                store.message_user(sampled(k), DIRECT, Level::Info)?;
+            }
+            let used_before = server_info(&server, "memory", "used_memory");
+            time(&mut |user| {
+                let got = store.get_messages(user)?;
+                Ok((got.len(), got.first().is_some_and(|m| m.text() == TEXT)))
+            })?;
+            // What each drain leaves on the server (taken marks, commit
+            // marks), net of the direct message it removed.
+            report.insert(
+                "server_bytes_per_drain".into(),
+                (server_info(&server, "memory", "used_memory") - used_before) / samples as f64,
+            );
+        }
         _ => return Err(format!("unknown impl {imp}").into()),
     }
     percentiles(report, ns);
@@ -1364,6 +1855,11 @@ fn empty(dir: &Path, imp: &str, n: u64, sizes: &Sizes, report: &mut Report) -> R
             lite.bulk(recipients(n), TEXT)?;
             time(&mut |user| Ok(lite.drain(user)?.len()))?;
         }
+        "redis" => {
+            let (_server, store) = redis_store(imp)?;
+            store.message_users(recipients(n), TEXT, Level::Info)?;
+            time(&mut |user| Ok(store.get_messages(user)?.len()))?;
+        }
         _ => return Err(format!("unknown impl {imp}").into()),
     }
     percentiles(report, ns);
@@ -1376,6 +1872,7 @@ fn durable(dir: &Path, imp: &str, ms: u64, report: &mut Report) -> Res<()> {
     let (name, threads) = imp.split_once('-').ok_or("impl-threads")?;
     let threads: u64 = threads.parse()?;
     let done = Arc::new(AtomicU64::new(0));
+    let mut _server = None;
     // Opening happens before the clock starts.
     enum Target {
         Ours(MessageStore),
@@ -1388,6 +1885,11 @@ fn durable(dir: &Path, imp: &str, ms: u64, report: &mut Report) -> Res<()> {
             Target::Sled(Sled::open(dir)?, Sled::data_file(dir)?, name == "sledsync")
         }
         "sqlite" => Target::Lite(Mutex::new(Lite::open(dir, "FULL")?)),
+        "redis" => {
+            let (server, store) = redis_store("redis-always")?;
+            _server = Some(server);
+            Target::Ours(store)
+        }
         _ => return Err(format!("unknown impl {imp}").into()),
     };
     let send = |user: u64| -> Res<()> {
@@ -1460,6 +1962,15 @@ fn single(dir: &Path, imp: &str, n: u64, report: &mut Report) -> Res<()> {
             timed(report, n, || {
                 for user in 0..n {
                     lite.direct(user, DIRECT)?;
+                }
+                Ok(())
+            })?;
+        }
+        "redis" => {
+            let (_server, store) = redis_store(imp)?;
+            timed(report, n, || {
+                for user in 0..n {
+                    store.message_user(user, DIRECT, Level::Info)?;
                 }
                 Ok(())
             })?;
