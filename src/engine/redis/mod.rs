@@ -218,11 +218,17 @@ impl Shared {
                 .collect()
         };
         let mut fetched = Vec::new();
-        for id in missing {
-            let record_key = self.key("b", field(id).as_bytes());
-            let bytes: Option<Vec<u8>> = self
-                .pool
-                .run(true, |con| redis::cmd("GET").arg(&record_key).query(con))?;
+        let keys: Vec<Vec<u8>> = missing
+            .iter()
+            .map(|id| self.key("b", field(*id).as_bytes()))
+            .collect();
+        let records: Vec<Option<Vec<u8>>> = if keys.is_empty() {
+            Vec::new()
+        } else {
+            self.pool
+                .run(true, |con| redis::cmd("MGET").arg(&keys).query(con))?
+        };
+        for ((id, record_key), bytes) in missing.into_iter().zip(&keys).zip(records) {
             let Some(bytes) = bytes else { continue };
             match record::decode_bulk(&bytes) {
                 Ok(bulk) => fetched.push((
@@ -236,7 +242,7 @@ impl Shared {
                 )),
                 Err(reason) => {
                     tracing::warn!(id, %reason, "moving a damaged bulk send to quarantine");
-                    self.quarantine(&record_key, "", &bytes, &reason, "bulk", &field(id))?;
+                    self.quarantine(record_key, "", &bytes, &reason, "bulk", &field(id))?;
                 }
             }
         }
@@ -464,9 +470,21 @@ impl Engine for RedisEngine {
                 .arg(&value)
                 .invoke(con)
         })?;
+        let recipients = users.len();
+        // This process knows the record already: no fetch on its next read
+        // (`known` stays, so bulk sends committed in between are still fetched).
+        shared.bulks.lock().bulks.insert(
+            id,
+            Arc::new(CachedBulk {
+                level: message.level,
+                sent_at_ms: message.sent_at_ms,
+                text: message.text.clone(),
+                recipients: users,
+            }),
+        );
         Ok(BulkSend {
             id: Some(MessageId(id)),
-            recipients: users.len(),
+            recipients,
         })
     }
 

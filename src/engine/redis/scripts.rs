@@ -22,7 +22,7 @@
 //! ns:b:F         STRING bulk record          text + recipient set, stored once
 //! ns:bt:F        SET of u                    recipients who took or leased it
 //! ns:bc:F        counter                     recipients who committed it
-//! ns:done:T      STRING (expires)            lease T was committed
+//! ns:done:T      STRING (expires in 10 s)    lease T was committed (for a retried commit)
 //! ns:quarantine  LIST of quarantine entries  records that did not decode
 //! ```
 //!
@@ -92,9 +92,13 @@ pub(super) fn lease() -> String {
         "{PRELUDE}{}",
         r"
 local ns, u, token = ARGV[1], ARGV[2], ARGV[3]
+if stale(KEYS[3], ARGV[5]) then return 'stale' end
+-- The common case of an empty queue: nothing to reclaim or take.
+if #ARGV < 6 and redis.call('EXISTS', KEYS[1], KEYS[2]) == 0 then
+  return {{}, {}}
+end
 local now = now_ms()
 reclaim(ns, KEYS[1], KEYS[2], u, now)
-if stale(KEYS[3], ARGV[5]) then return 'stale' end
 local head = token .. string.format('%020d', now + tonumber(ARGV[4]))
 local own = redis.call('HGETALL', KEYS[1])
 for i = 1, #own, 2 do
@@ -145,7 +149,7 @@ for i = 3, #ARGV, 2 do
     end
   end
 end
-redis.call('SET', KEYS[2], '1', 'PX', 60000)
+redis.call('SET', KEYS[2], '1', 'PX', 10000)
 return 1
 "
     )
