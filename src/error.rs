@@ -82,6 +82,21 @@ pub enum Error {
         source: Box<dyn std::error::Error + Send + Sync + 'static>,
     },
 
+    /// A [`Spool`](crate::Spool) was opened by another user than the owner
+    /// of the store's spool: the store takes in only its owner's files, so
+    /// nothing would be delivered.
+    #[error(
+        "the spool of the message store at {path} belongs to user {owner} and this process runs as user {user}, but the store takes in only files spooled by its owner; send as that user (for example with sudo -u '#{owner}'); nothing was stored"
+    )]
+    NotSpoolOwner {
+        /// The store's directory.
+        path: PathBuf,
+        /// The user id owning the spool.
+        owner: u32,
+        /// This process's user id.
+        user: u32,
+    },
+
     /// A lease was committed after the store's lease timeout: its messages
     /// had gone back to the queue, so nothing was removed.
     #[error(

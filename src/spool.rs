@@ -271,6 +271,9 @@ impl Spool {
     ///
     /// # Errors
     /// [`Error::NotADirectory`] if `store` is a file;
+    /// [`Error::NotSpoolOwner`] if this process runs as another user than
+    /// the one owning the store (its spool, or its directory before it has
+    /// one): the store would refuse the files;
     /// [`Error::PermissionDenied`] or another storage error if the spool
     /// directory cannot be created.
     pub fn open(store: impl AsRef<Path>) -> Result<Spool> {
@@ -278,6 +281,13 @@ impl Spool {
         if store.exists() && !store.is_dir() {
             return Err(Error::NotADirectory {
                 path: store.to_path_buf(),
+            });
+        }
+        if let Some((owner, user)) = owner_mismatch(store) {
+            return Err(Error::NotSpoolOwner {
+                path: store.to_path_buf(),
+                owner,
+                user,
             });
         }
         fs::DirBuilder::new()
@@ -410,6 +420,18 @@ impl Spool {
     pub fn error(&self, user: impl Into<UserId>, text: impl Into<String>) -> Result<()> {
         self.message_user(user, text, Level::Error)
     }
+}
+
+/// The owner of a store's spool (or, before it has one, of the store's
+/// directory) and this process's user, when they differ.
+fn owner_mismatch(store: &Path) -> Option<(u32, u32)> {
+    // /proc/self belongs to this process's effective user (Linux).
+    let user = fs::metadata("/proc/self").ok()?.uid();
+    let owner = fs::metadata(store.join("spool"))
+        .or_else(|_| fs::metadata(store))
+        .ok()?
+        .uid();
+    (owner != user).then_some((owner, user))
 }
 
 /// Writes `bytes` as a new spool file: temporary file, fsync, rename,

@@ -311,3 +311,22 @@ fn a_full_disk_at_the_sender_is_disk_full_and_leaves_nothing_behind() -> Result<
     assert_eq!(spool_files(&store, "new").len(), 1);
     Ok(())
 }
+
+#[test]
+fn a_spool_opened_by_another_user_than_the_stores_owner_is_refused() -> Result<()> {
+    let dir = TestDir::new();
+    drop(dir.open()?);
+    // Only root can give the store away; elsewhere there is nothing to test.
+    let spool_dir = dir.store_path().join("spool");
+    if std::os::unix::fs::chown(&spool_dir, Some(4242), Some(4242)).is_err() {
+        common::missing_prerequisite("not root, so the spool cannot be given to another user");
+        return Ok(());
+    }
+    let refused = Spool::open(dir.store_path());
+    assert!(
+        matches!(refused, Err(Error::NotSpoolOwner { owner: 4242, .. })),
+        "{refused:?}"
+    );
+    assert!(spool_files(&dir.store_path(), "new").is_empty());
+    Ok(())
+}

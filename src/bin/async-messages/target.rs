@@ -143,13 +143,6 @@ impl Target {
         match self {
             Target::Dir(path) => {
                 self.check_creatable(path)?;
-                if let Some((owner, me)) = owner_mismatch(path) {
-                    return Err(format!(
-                        "the store at {} belongs to user {owner} and this runs as user {me}, but the app takes in only messages spooled by the store's owner; run this as that user (for example sudo -u '#{owner}' async-messages send …); nothing was stored",
-                        path.display()
-                    )
-                    .into());
-                }
                 Spool::open(path).map_err(|e| self.failure(e))
             }
             Target::Redis { url, namespace } => {
@@ -194,20 +187,6 @@ impl Target {
             other => other.to_string(),
         })
     }
-}
-
-/// The owner of a store's spool (or, before it has one, of the store's
-/// directory) and this process's user, when they differ: the store refuses
-/// spool files of another owner, and could not read a spool made by one.
-fn owner_mismatch(path: &Path) -> Option<(u32, u32)> {
-    use std::os::unix::fs::MetadataExt;
-    // /proc/self belongs to this process's effective user.
-    let me = std::fs::metadata("/proc/self").ok()?.uid();
-    let owner = std::fs::metadata(path.join("spool"))
-        .or_else(|_| std::fs::metadata(path))
-        .ok()?
-        .uid();
-    (owner != me).then_some((owner, me))
 }
 
 fn not_a_directory(path: &Path) -> Failure {
