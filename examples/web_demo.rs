@@ -5,6 +5,13 @@
 //! ```text
 //! cargo run --example web_demo --features axum
 //! # then open http://127.0.0.1:3000 (ASYNC_MESSAGES_ADDR to change it)
+//!
+//! # Two demos sharing one Redis server: a message sent through one is shown
+//! # once, by whichever the recipient loads a page from.
+//! ASYNC_MESSAGES_REDIS=redis://127.0.0.1:6379 ASYNC_MESSAGES_ADDR=127.0.0.1:3000 \
+//!     cargo run --example web_demo --features axum,redis
+//! ASYNC_MESSAGES_REDIS=redis://127.0.0.1:6379 ASYNC_MESSAGES_ADDR=127.0.0.1:3001 \
+//!     cargo run --example web_demo --features axum,redis
 //! ```
 //!
 //! Environment: `ASYNC_MESSAGES_ADDR` (default `127.0.0.1:3000`),
@@ -12,13 +19,18 @@
 //! system's temp dir), `ASYNC_MESSAGES_MODE`: `at-most-once` (the default: the
 //! messages taken by the failing page `/broken` are lost) or `at-least-once`
 //! (leased delivery: they come back on the next page).
+//! `ASYNC_MESSAGES_REDIS` (a `redis://` URL): keep the messages on that Redis
+//! server instead of in `ASYNC_MESSAGES_PATH` (needs the `redis` feature),
+//! under the key prefix `ASYNC_MESSAGES_NAMESPACE` (default
+//! `async-messages`).
 //!
 //! Sessions are a demo: an in-memory map from a random cookie value to a user
 //! name, forgotten on restart (the queued messages are not). Use a real
 //! session store (e.g. tower-sessions) in an application.
 //!
 //! The tests (`tests/web_delivery.rs`, `tests/browser.rs`) include this file
-//! to drive the same app over HTTP.
+//! to drive the same app over HTTP; `tests/several_servers.rs` runs `main`
+//! in two processes on one Redis server.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -313,14 +325,72 @@ fn page(user: Option<&str>, messages: &[&Message]) -> String {
     html
 }
 
-#[allow(dead_code)] // The tests include this file as a module, without `main`.
+/// Where the demo keeps its messages, from the environment.
+enum Backend {
+    /// `ASYNC_MESSAGES_PATH`, or a directory in the system's temp dir.
+    Sled(std::path::PathBuf),
+    /// `ASYNC_MESSAGES_REDIS` and `ASYNC_MESSAGES_NAMESPACE`.
+    Redis { url: String, namespace: String },
+}
+
+impl Backend {
+    fn from_env() -> Result<Backend, Box<dyn std::error::Error>> {
+        match std::env::var("ASYNC_MESSAGES_REDIS") {
+            Ok(url) => {
+                if !cfg!(feature = "redis") {
+                    return Err(
+                        "ASYNC_MESSAGES_REDIS is set, but this build of the demo has no \
+                                Redis support: run it with `--features axum,redis`"
+                            .into(),
+                    );
+                }
+                let namespace = std::env::var("ASYNC_MESSAGES_NAMESPACE")
+                    .unwrap_or_else(|_| MessageStore::DEFAULT_NAMESPACE.to_owned());
+                Ok(Backend::Redis { url, namespace })
+            }
+            Err(std::env::VarError::NotPresent) => Ok(Backend::Sled(
+                std::env::var_os("ASYNC_MESSAGES_PATH").map_or_else(
+                    || std::env::temp_dir().join("async-messages-web-demo"),
+                    Into::into,
+                ),
+            )),
+            Err(error) => Err(format!("ASYNC_MESSAGES_REDIS: {error}").into()),
+        }
+    }
+
+    /// Opens the store (it may wait for the disk or the network).
+    fn open(&self) -> async_messages::Result<MessageStore> {
+        // The demo offers the debug level too, so store it.
+        let builder = MessageStore::builder().min_level(Level::Debug);
+        match self {
+            Backend::Sled(path) => builder.path(path).open(),
+            Backend::Redis { url, namespace } => builder.redis(url).namespace(namespace).open(),
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backend::Sled(path) => write!(f, "store in {}", path.display()),
+            Backend::Redis { url, namespace } => {
+                // Not the password, if the URL has one.
+                let shown = match (url.split_once("://"), url.rsplit_once('@')) {
+                    (Some((scheme, _)), Some((_, host))) => format!("{scheme}://***@{host}"),
+                    _ => url.clone(),
+                };
+                write!(f, "messages on Redis at {shown}, namespace {namespace}")
+            }
+        }
+    }
+}
+
+/// The demo server: reads its settings from the environment (see the top of
+/// this file), serves until killed.
+#[allow(dead_code)] // The tests include this file as a module; only some call `main`.
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+pub async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr = std::env::var("ASYNC_MESSAGES_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".into());
-    let path = std::env::var_os("ASYNC_MESSAGES_PATH").map_or_else(
-        || std::env::temp_dir().join("async-messages-web-demo"),
-        Into::into,
-    );
     let mode = match std::env::var("ASYNC_MESSAGES_MODE").as_deref() {
         Err(std::env::VarError::NotPresent) | Ok("at-most-once") => DeliveryMode::AtMostOnce,
         Ok("at-least-once") => DeliveryMode::AtLeastOnce,
@@ -331,19 +401,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .into());
         }
     };
-    // The demo offers the debug level too, so store it.
-    let store = tokio::task::spawn_blocking(move || {
-        MessageStore::builder()
-            .path(path)
-            .min_level(Level::Debug)
-            .open()
+    let backend = Backend::from_env()?;
+    let (store, backend) = tokio::task::spawn_blocking(move || {
+        let store = backend.open();
+        (store, backend)
     })
-    .await??;
+    .await?;
+    let store = store?;
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!(
-        "async-messages demo on http://{}, store in {}",
-        listener.local_addr()?,
-        store.path().display()
+        "async-messages demo on http://{}, {backend}",
+        listener.local_addr()?
     );
     axum::serve(listener, app_with_mode(store, mode)).await?;
     Ok(())
