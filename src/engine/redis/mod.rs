@@ -62,6 +62,8 @@ struct Scripts {
 /// list; the scripts answer `stale` when a newer one exists.
 #[derive(Default)]
 struct BulkCache {
+    /// The data set the cache was read from (`ns:epoch`).
+    epoch: String,
     known: u64,
     bulks: BTreeMap<u64, Arc<CachedBulk>>,
 }
@@ -123,9 +125,7 @@ impl RedisEngine {
             tokens: Tokens::new(),
         };
         // Fails now, with the URL, if the server cannot be reached.
-        shared
-            .pool
-            .run(true, |con| redis::cmd("PING").query::<()>(con))?;
+        shared.pool.run(|con| redis::cmd("PING").query::<()>(con))?;
         Ok(RedisEngine {
             shared: Arc::new(shared),
         })
@@ -150,10 +150,10 @@ impl Shared {
     fn with_candidates<T>(
         &self,
         user: &UserId,
-        mut call: impl FnMut(&str, &[(String, Arc<CachedBulk>)]) -> Result<Option<T>>,
+        mut call: impl FnMut(&str, &str, &[(String, Arc<CachedBulk>)]) -> Result<Option<T>>,
     ) -> Result<T> {
         loop {
-            let (known, candidates) = {
+            let (known, epoch, candidates) = {
                 let cache = self.bulks.lock();
                 let candidates: Vec<(String, Arc<CachedBulk>)> = cache
                     .bulks
@@ -161,9 +161,9 @@ impl Shared {
                     .filter(|(_, bulk)| bulk.recipients.contains(user))
                     .map(|(id, bulk)| (field(*id), bulk.clone()))
                     .collect();
-                (format!("({}", cache.known), candidates)
+                (format!("({}", cache.known), cache.epoch.clone(), candidates)
             };
-            if let Some(done) = call(&known, &candidates)? {
+            if let Some(done) = call(&known, &epoch, &candidates)? {
                 return Ok(done);
             }
             self.refresh_bulks()?;
@@ -172,7 +172,8 @@ impl Shared {
 
     /// Runs one of the scripts that read a user's queue (lease, peek, any):
     /// KEYS q, l, bulks; ARGV ns, u, `extra`, '(' ‖ the newest bulk id in
-    /// the cache, then the cached bulk sends that list the user. Refreshes
+    /// the cache, the cache's epoch, then the cached bulk sends that list
+    /// the user. Refreshes
     /// the cache and runs it again while the script answers `stale`.
     fn run_for_user(
         &self,
@@ -182,17 +183,17 @@ impl Shared {
         extra: &[&str],
     ) -> Result<(Value, Candidates)> {
         let (q, l, bulks) = (self.key("q", u), self.key("l", u), self.key("bulks", b""));
-        self.with_candidates(user, |known, candidates| {
+        self.with_candidates(user, |known, epoch, candidates| {
             let mut call = script.prepare_invoke();
             call.key(&q).key(&l).key(&bulks).arg(&self.ns).arg(u);
             for arg in extra {
                 call.arg(*arg);
             }
-            call.arg(known);
+            call.arg(known).arg(epoch);
             for (f, _) in candidates {
                 call.arg(f);
             }
-            let reply: Value = self.pool.run(true, |con| call.invoke(con))?;
+            let reply: Value = self.pool.run(|con| call.invoke(con))?;
             Ok((!is_stale(&reply)).then(|| (reply, candidates.to_vec())))
         })
     }
@@ -200,8 +201,33 @@ impl Shared {
     /// Reads the live bulk sends: new ones are fetched and decoded, gone
     /// ones dropped.
     fn refresh_bulks(&self) -> Result<()> {
+        // The data set's name: made by the first client to look (again,
+        // after the server lost its data, which also empties the cache).
+        let epoch_key = self.key("epoch", b"");
+        let fresh = self.tokens.next();
+        let epoch: String = self.pool.run(|con| {
+            redis::pipe()
+                .cmd("SET")
+                .arg(&epoch_key)
+                .arg(&fresh)
+                .arg("NX")
+                .ignore()
+                .cmd("GET")
+                .arg(&epoch_key)
+                .query::<(String,)>(con)
+                .map(|(epoch,)| epoch)
+        })?;
+        {
+            let mut cache = self.bulks.lock();
+            if cache.epoch != epoch {
+                *cache = BulkCache {
+                    epoch,
+                    ..BulkCache::default()
+                };
+            }
+        }
         let bulks_key = self.key("bulks", b"");
-        let live: Vec<(String, f64)> = self.pool.run(true, |con| {
+        let live: Vec<(String, f64)> = self.pool.run(|con| {
             redis::cmd("ZRANGE")
                 .arg(&bulks_key)
                 .arg(0)
@@ -226,7 +252,7 @@ impl Shared {
             Vec::new()
         } else {
             self.pool
-                .run(true, |con| redis::cmd("MGET").arg(&keys).query(con))?
+                .run(|con| redis::cmd("MGET").arg(&keys).query(con))?
         };
         for ((id, record_key), bytes) in missing.into_iter().zip(&keys).zip(records) {
             let Some(bytes) = bytes else { continue };
@@ -271,7 +297,7 @@ impl Shared {
         });
         let list = self.key("quarantine", b"");
         let bulks = self.key("bulks", b"");
-        self.pool.run(true, |con| {
+        self.pool.run(|con| {
             self.scripts
                 .quarantine
                 .key(hash)
@@ -289,8 +315,6 @@ impl Shared {
         let l = self.key("l", &u);
         let token = self.tokens.next();
         let timeout_ms = self.common.lease_timeout.as_millis().max(1).to_string();
-        // Safe to retry: a lease whose reply was lost only hides its
-        // messages until it times out.
         let (reply, candidates) =
             self.run_for_user(&self.scripts.lease, user, &u, &[&token, &timeout_ms])?;
         let (own, taken) = match reply {
@@ -442,13 +466,13 @@ impl Engine for RedisEngine {
         let shared = &self.shared;
         let value = record::encode_inline(message.level, message.sent_at_ms, &message.text);
         let mut call = shared.scripts.send.prepare_invoke();
-        call.key(shared.key("id", b""));
+        call.key(shared.key("id", b""))
+            .key(shared.key("sent", shared.tokens.next().as_bytes()));
         for user in users {
             call.key(shared.key("q", &key::user_prefix(user)?));
         }
         call.arg(value);
-        // Not retried: a send whose reply was lost may have been stored.
-        let (id, recipients): (u64, u64) = shared.pool.run(false, |con| call.invoke(con))?;
+        let (id, recipients): (u64, u64) = shared.pool.run(|con| call.invoke(con))?;
         progress(recipients);
         Ok(BulkSend {
             id: Some(MessageId(id)),
@@ -460,12 +484,14 @@ impl Engine for RedisEngine {
         let shared = &self.shared;
         let value = record::encode_bulk(message.level, message.sent_at_ms, &message.text, &users);
         let (id_key, bulks) = (shared.key("id", b""), shared.key("bulks", b""));
-        let id: u64 = shared.pool.run(false, |con| {
+        let sent = shared.key("sent", shared.tokens.next().as_bytes());
+        let id: u64 = shared.pool.run(|con| {
             shared
                 .scripts
                 .bulk
                 .key(&id_key)
                 .key(&bulks)
+                .key(&sent)
                 .arg(&shared.ns)
                 .arg(&value)
                 .invoke(con)
@@ -606,7 +632,7 @@ impl Engine for RedisEngine {
             pattern.push(b'*');
             let mut cursor = 0_u64;
             loop {
-                let (next, keys): (u64, Vec<Vec<u8>>) = shared.pool.run(true, |con| {
+                let (next, keys): (u64, Vec<Vec<u8>>) = shared.pool.run(|con| {
                     redis::cmd("SCAN")
                         .arg(cursor)
                         .arg("MATCH")
@@ -635,7 +661,7 @@ impl Engine for RedisEngine {
         let bulks = self.shared.key("bulks", b"");
         self.shared
             .pool
-            .run(true, |con| redis::cmd("ZCARD").arg(&bulks).query(con))
+            .run(|con| redis::cmd("ZCARD").arg(&bulks).query(con))
     }
 
     fn flush(&self) -> Result<()> {
@@ -648,9 +674,10 @@ impl Engine for RedisEngine {
 
     fn quarantined(&self) -> Result<Vec<QuarantinedRecord>> {
         let list = self.shared.key("quarantine", b"");
-        let entries: Vec<Vec<u8>> = self.shared.pool.run(true, |con| {
-            redis::cmd("LRANGE").arg(&list).arg(0).arg(-1).query(con)
-        })?;
+        let entries: Vec<Vec<u8>> = self
+            .shared
+            .pool
+            .run(|con| redis::cmd("LRANGE").arg(&list).arg(0).arg(-1).query(con))?;
         Ok(entries
             .iter()
             .filter_map(|e| record::decode_quarantined(e))
@@ -683,7 +710,7 @@ impl RedisLease {
         for (f, _) in &self.entries {
             call.arg(f);
         }
-        if let Err(error) = shared.pool.run(true, |con| call.invoke::<()>(con)) {
+        if let Err(error) = shared.pool.run(|con| call.invoke::<()>(con)) {
             tracing::warn!(%error, user = %self.user, "could not release a lease; its messages come back when it times out");
         }
     }
@@ -705,8 +732,8 @@ impl LeaseState for RedisLease {
         for (f, recipients) in &self.entries {
             call.arg(f).arg(recipients.to_string());
         }
-        // Retried, for a few seconds if need be: the `done` mark makes a
-        // later try see the first one.
+        // Retried for a few seconds if need be: a lost reply must not leave
+        // the caller without the messages the commit took.
         let committed: i64 = shared.pool.run_patiently(|con| call.invoke(con))?;
         if committed == 1 {
             Ok(std::mem::take(&mut self.messages))

@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use redis::{Client, Connection, RedisError, RedisResult};
+use redis::{Client, Connection, IntoConnectionInfo, RedisError, RedisResult, RetryMethod};
 
 use super::TIMEOUT;
 use crate::{Error, Result};
@@ -36,13 +36,29 @@ fn is_connection_error(error: &RedisError) -> bool {
         || error.is_timeout()
 }
 
+/// A connection error, or a server that is not ready yet (`LOADING` while
+/// a restarted server replays its AOF, `TRYAGAIN`, `MASTERDOWN`): the
+/// request was not run, or its outcome is unknown, and a later try may work.
+fn is_transient(error: &RedisError) -> bool {
+    is_connection_error(error)
+        || matches!(
+            error.retry_method(),
+            RetryMethod::WaitAndRetry | RetryMethod::RetryImmediately
+        )
+}
+
 impl Pool {
     pub(super) fn new(url: &str) -> Result<Pool> {
         let redacted = crate::error::redact(url);
-        let client = Client::open(url).map_err(|e| Error::Redis {
+        let error = |e| Error::Redis {
             url: redacted.clone(),
             source: Box::new(e),
-        })?;
+        };
+        // No CLIENT SETINFO after connecting: against a frozen server each
+        // would wait out the whole read timeout.
+        let info = url.into_connection_info().map_err(error)?;
+        let settings = info.redis_settings().clone().set_skip_set_lib_name();
+        let client = Client::open(info.set_redis_settings(settings)).map_err(error)?;
         Ok(Pool {
             client,
             url: redacted,
@@ -90,12 +106,13 @@ impl Pool {
         }
     }
 
-    /// Runs `call` on a pooled connection. With `retry`, a call that fails
-    /// on a broken connection runs again on a new one; only calls that are
-    /// safe to run twice may ask for that.
+    /// Runs `call` on a pooled connection; a call that fails on a broken
+    /// connection runs again, once, on a new one. Every call must be safe
+    /// to run twice (the scripts see to it: sends carry a token, commits
+    /// leave a mark, and a lease whose reply was lost only hides its
+    /// messages until it times out).
     pub(super) fn run<T>(
         &self,
-        retry: bool,
         mut call: impl FnMut(&mut Connection) -> RedisResult<T>,
     ) -> Result<T> {
         let outcome = self.checkout().and_then(|mut con| {
@@ -107,7 +124,7 @@ impl Pool {
         });
         match outcome {
             Ok(value) => Ok(value),
-            Err(error) if retry && is_connection_error(&error) => {
+            Err(error) if is_connection_error(&error) => {
                 self.idle.lock().clear();
                 let mut con = self.connect().map_err(|e| self.error(e))?;
                 let value = call(&mut con).map_err(|e| self.error(e))?;
@@ -124,9 +141,10 @@ impl Pool {
     }
 
     /// [`run`](Self::run) for a call that must not be left in doubt (a
-    /// drain's commit): on connection errors it keeps trying for a few
-    /// seconds, so that a server restart in the middle does not leave the
-    /// caller without an answer.
+    /// drain's commit): on connection errors, and while a restarted server
+    /// is still loading its data, it keeps trying for a few seconds, so
+    /// that a server restart in the middle does not leave the caller
+    /// without an answer.
     pub(super) fn run_patiently<T>(
         &self,
         mut call: impl FnMut(&mut Connection) -> RedisResult<T>,
@@ -134,12 +152,12 @@ impl Pool {
         let started = Instant::now();
         let mut pause = Duration::from_millis(20);
         loop {
-            match self.run(true, &mut call) {
+            match self.run(&mut call) {
                 Err(Error::Redis { source, .. })
                     if started.elapsed() < PATIENCE
                         && source
                             .downcast_ref::<RedisError>()
-                            .is_some_and(is_connection_error) =>
+                            .is_some_and(is_transient) =>
                 {
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(Duration::from_millis(500));

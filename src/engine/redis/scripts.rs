@@ -23,7 +23,11 @@
 //! ns:bt:F        SET of u                    recipients who took or leased it
 //! ns:bc:F        counter                     recipients who committed it
 //! ns:done:T      STRING (expires in 10 s)    lease T was committed (for a retried commit)
+//! ns:sent:T      STRING (expires in 10 s)    send T was stored (for a retried send)
 //! ns:quarantine  LIST of quarantine entries  records that did not decode
+//! ns:epoch       STRING, random              names this data set: a server that
+//!                                            lost its data gets a new one, and
+//!                                            the clients' caches start again
 //! ```
 //!
 //! Time is Redis's clock (`TIME`), so lease deadlines agree across
@@ -51,50 +55,64 @@ local function reclaim(ns, q, l, u, now)
     end
   end
 end
--- Whether a bulk send newer than the client's cache exists.
-local function stale(bulks, known)
-  return #redis.call('ZRANGEBYSCORE', bulks, known, '+inf', 'LIMIT', 0, 1) > 0
+-- Whether the client's cache of bulk sends is out of date: a newer bulk
+-- send exists, or the data set is not the one the cache was read from
+-- (the server lost its data, and ids start again).
+local function stale(ns, bulks, known, epoch)
+  return redis.call('GET', ns .. ':epoch') ~= epoch
+    or #redis.call('ZRANGEBYSCORE', bulks, known, '+inf', 'LIMIT', 0, 1) > 0
 end
 ";
 
 /// One message, or one message for a few users under one id.
-/// KEYS: ns:id, then each recipient's ns:q:u. ARGV: record.
-/// Returns {id, recipients}.
+/// KEYS: ns:id, ns:sent:T, then each recipient's ns:q:u. ARGV: record.
+/// Returns {id, recipients}. A second run with the same token T (a retry
+/// after a lost reply) returns the first run's answer and stores nothing.
 pub(super) const SEND: &str = r"
+local done = redis.call('GET', KEYS[2])
+if done then
+  local id, n = string.match(done, '^(%d+):(%d+)$')
+  return {tonumber(id), tonumber(n)}
+end
 local id = redis.call('INCR', KEYS[1])
 local f = string.format('%020d', id)
 local n = 0
-for i = 2, #KEYS do
+for i = 3, #KEYS do
   n = n + redis.call('HSETNX', KEYS[i], f, ARGV[1])
 end
+redis.call('SET', KEYS[2], string.format('%d:%d', id, n), 'PX', 10000)
 return {id, n}
 ";
 
 /// A bulk send: one record, visible from the moment it is added to
 /// ns:bulks, in the same step that gives it its id (so ids of bulk sends
 /// are in commit order, which the clients' caches rely on).
-/// KEYS: ns:id, ns:bulks. ARGV: ns, record. Returns the id.
+/// KEYS: ns:id, ns:bulks, ns:sent:T. ARGV: ns, record. Returns the id;
+/// a retry with the same token T returns the first run's id.
 pub(super) const BULK: &str = r"
+local done = redis.call('GET', KEYS[3])
+if done then return tonumber(done) end
 local id = redis.call('INCR', KEYS[1])
 local f = string.format('%020d', id)
 redis.call('SET', ARGV[1] .. ':b:' .. f, ARGV[2])
 redis.call('ZADD', KEYS[2], id, f)
+redis.call('SET', KEYS[3], string.format('%d', id), 'PX', 10000)
 return id
 ";
 
 /// Leases the user's queued messages and the bulk sends listed in ARGV
 /// that the user has not taken. KEYS: q, l, bulks. ARGV: ns, u, token
-/// (20 digits), timeout ms, '(' ‖ newest bulk id the client knows, then
-/// candidate bulk ids (F). Returns 'stale' (nothing changed but expired
+/// (20 digits), timeout ms, '(' ‖ newest bulk id the client knows, the
+/// epoch the cache was read in, then candidate bulk ids (F). Returns 'stale' (nothing changed but expired
 /// leases) or {{F, record, ...}, {F, ...}}.
 pub(super) fn lease() -> String {
     format!(
         "{PRELUDE}{}",
         r"
 local ns, u, token = ARGV[1], ARGV[2], ARGV[3]
-if stale(KEYS[3], ARGV[5]) then return 'stale' end
+if stale(ns, KEYS[3], ARGV[5], ARGV[6]) then return 'stale' end
 -- The common case of an empty queue: nothing to reclaim or take.
-if #ARGV < 6 and redis.call('EXISTS', KEYS[1], KEYS[2]) == 0 then
+if #ARGV < 7 and redis.call('EXISTS', KEYS[1], KEYS[2]) == 0 then
   return {{}, {}}
 end
 local now = now_ms()
@@ -106,7 +124,7 @@ for i = 1, #own, 2 do
 end
 if #own > 0 then redis.call('DEL', KEYS[1]) end
 local taken = {}
-for i = 6, #ARGV do
+for i = 7, #ARGV do
   local f = ARGV[i]
   if redis.call('EXISTS', ns .. ':b:' .. f) == 1
      and redis.call('SADD', ns .. ':bt:' .. f, u) == 1 then
@@ -175,16 +193,16 @@ return 1
 ";
 
 /// Reads without changing anything. KEYS: q, l, bulks. ARGV: ns, u,
-/// '(' ‖ newest known bulk id, then candidate F... Returns 'stale' or
+/// '(' ‖ newest known bulk id, epoch, then candidate F... Returns 'stale' or
 /// {{F, record, ...} queued, {F, entry, ...} leased, {F, ...} untaken bulks}.
 pub(super) fn peek() -> String {
     format!(
         "{PRELUDE}{}",
         r"
 local ns, u = ARGV[1], ARGV[2]
-if stale(KEYS[3], ARGV[3]) then return 'stale' end
+if stale(ns, KEYS[3], ARGV[3], ARGV[4]) then return 'stale' end
 local untaken = {}
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   local f = ARGV[i]
   if redis.call('EXISTS', ns .. ':b:' .. f) == 1
      and redis.call('SISMEMBER', ns .. ':bt:' .. f, u) == 0 then
@@ -204,8 +222,8 @@ pub(super) fn any() -> String {
         r"
 local ns, u = ARGV[1], ARGV[2]
 if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 1 end
-if stale(KEYS[3], ARGV[3]) then return 'stale' end
-for i = 4, #ARGV do
+if stale(ns, KEYS[3], ARGV[3], ARGV[4]) then return 'stale' end
+for i = 5, #ARGV do
   local f = ARGV[i]
   if redis.call('EXISTS', ns .. ':b:' .. f) == 1
      and redis.call('SISMEMBER', ns .. ':bt:' .. f, u) == 0 then
