@@ -20,8 +20,8 @@ use std::error::Error;
 use std::time::{Duration, Instant};
 
 use common::child::{self, Running};
+use common::demo::{self, Demo, browser, login, page, send};
 use common::redis::RedisServer;
-use reqwest::blocking::Client;
 
 type TestResult = Result<(), Box<dyn Error>>;
 
@@ -43,32 +43,17 @@ fn web_demo_child() {
     }
 }
 
-/// A demo's address: `http://127.0.0.1:PORT`.
-struct Demo {
-    base: String,
-}
-
 /// Starts the demo on a free port, its messages on `url` under `namespace`.
 /// The process is killed when the returned `Running` is dropped.
 fn start_demo(url: &str, namespace: &str) -> Result<(Demo, Running), Box<dyn Error>> {
-    let mut command = child::command("web_demo_child");
-    command
-        .env(CHILD_ENV, "1")
-        .env("ASYNC_MESSAGES_ADDR", "127.0.0.1:0")
-        .env("ASYNC_MESSAGES_REDIS", url)
-        .env("ASYNC_MESSAGES_NAMESPACE", namespace)
-        .env_remove("ASYNC_MESSAGES_MODE");
-    let mut process = Running::spawn(command);
-    if process
-        .wait_for(|line| line.contains("demo on http://") || line.starts_with("error"))
-        .is_err()
-    {
-        return Err(format!(
-            "the demo did not start; it printed {:?}",
-            child::tail(&process.seen)
-        )
-        .into());
-    }
+    let (demo, process) = demo::start(
+        "web_demo_child",
+        CHILD_ENV,
+        &[
+            ("ASYNC_MESSAGES_REDIS", url),
+            ("ASYNC_MESSAGES_NAMESPACE", namespace),
+        ],
+    )?;
     let line = process.seen.last().cloned().unwrap_or_default();
     assert!(
         line.contains(&format!(
@@ -76,69 +61,7 @@ fn start_demo(url: &str, namespace: &str) -> Result<(Demo, Running), Box<dyn Err
         )),
         "the demo says where its messages are: {line}"
     );
-    let base = line
-        .split_once("demo on ")
-        .and_then(|(_, rest)| rest.split_once(','))
-        .map(|(base, _)| base.to_owned())
-        .ok_or_else(|| format!("no address in {line:?}"))?;
-    Ok((Demo { base }, process))
-}
-
-/// A browser: its own cookie jar, redirects not followed (the tests look at
-/// them), a generous timeout for a busy machine.
-fn browser() -> Result<Client, Box<dyn Error>> {
-    Ok(Client::builder()
-        .cookie_store(true)
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(60))
-        .build()?)
-}
-
-/// Logs `client` in as `user` on `demo` (a session of that demo).
-fn login(client: &Client, demo: &Demo, user: &str) -> TestResult {
-    let response = client
-        .post(format!("{}/login", demo.base))
-        .form(&[("user", user)])
-        .send()?;
-    assert_eq!(response.status().as_u16(), 303, "login as {user}");
-    Ok(())
-}
-
-fn send(client: &Client, demo: &Demo, to: &str, text: &str) -> TestResult {
-    let response = client
-        .post(format!("{}/send", demo.base))
-        .form(&[("to", to), ("text", text), ("level", "info")])
-        .send()?;
-    assert_eq!(response.status().as_u16(), 303, "send {text:?} to {to}");
-    Ok(())
-}
-
-/// Loads the page as a browser navigating to it; returns the messages shown
-/// (their texts, in order) after checking who is logged in.
-fn page(client: &Client, demo: &Demo, user: &str) -> Result<Vec<String>, Box<dyn Error>> {
-    let response = client
-        .get(format!("{}/", demo.base))
-        .header("accept", "text/html,application/xhtml+xml")
-        .send()?;
-    assert_eq!(response.status().as_u16(), 200);
-    let body = response.text()?;
-    assert!(
-        body.contains(&format!("Logged in as <b>{user}</b>")),
-        "{user} on {}: {body}",
-        demo.base
-    );
-    Ok(shown(&body))
-}
-
-/// The texts of the messages on a demo page.
-fn shown(body: &str) -> Vec<String> {
-    body.lines()
-        .filter(|line| line.starts_with("<li class=\"message "))
-        .filter_map(|line| {
-            let (_, rest) = line.split_once("</span>")?;
-            Some(rest.strip_suffix("</li>")?.to_owned())
-        })
-        .collect()
+    Ok((demo, process))
 }
 
 #[test]

@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 pub mod child;
+#[cfg(feature = "axum")]
+pub mod demo;
 pub mod mount;
 pub mod redis;
 #[cfg(feature = "axum")]
