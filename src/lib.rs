@@ -114,6 +114,7 @@
 
 mod engine;
 mod error;
+mod fs;
 #[cfg(test)]
 mod fuzz_tests;
 mod hook;

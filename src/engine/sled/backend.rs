@@ -16,6 +16,7 @@ use parking_lot::Mutex;
 
 use sled::{IVec, Tree};
 
+pub(crate) use crate::fs::{io_error, sync_dir};
 use crate::record::{FORMAT_VERSION, QuarantinedRecord, decode_quarantined, encode_quarantined};
 use crate::{Error, Result, record};
 
@@ -72,25 +73,6 @@ pub(crate) struct RecordCounts {
 
 fn is_lock_error(error: &sled::Error) -> bool {
     matches!(error, sled::Error::Io(e) if e.to_string().contains("could not acquire lock"))
-}
-
-/// Maps an I/O error to the error a user can act on.
-pub(crate) fn io_error(path: &Path, source: io::Error) -> Error {
-    let path = path.to_path_buf();
-    if source.kind() == io::ErrorKind::StorageFull || source.raw_os_error() == Some(28) {
-        return Error::DiskFull { path, source };
-    }
-    if matches!(
-        source.kind(),
-        io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem
-    ) || source.raw_os_error() == Some(30)
-    {
-        return Error::PermissionDenied { path, source };
-    }
-    Error::Storage {
-        path,
-        source: Box::new(source),
-    }
 }
 
 fn storage_error(path: &Path, error: sled::Error) -> Error {
@@ -547,11 +529,4 @@ pub(crate) fn parse_clean_mark(bytes: &[u8]) -> Option<RecordCounts> {
         texts: field("texts")?,
         bulk: field("bulk").unwrap_or(0),
     })
-}
-
-/// Makes a creation, rename or removal in `dir` durable.
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    std::fs::File::open(dir)
-        .and_then(|dir| dir.sync_all())
-        .map_err(|e| io_error(dir, e))
 }

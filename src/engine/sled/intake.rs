@@ -18,7 +18,7 @@ use notify::{RecursiveMode, Watcher};
 use super::bulk::Bulk;
 use super::{Inner, STRIPES, sync_dir};
 use crate::recipients::{Recipients, THRESHOLD};
-use crate::spool::{self, Dirs, Entry};
+use crate::spool::format::{Dirs, Entry, read_trusted};
 use crate::{Error, Level, Result, UserId, key, record};
 
 /// How often the spool is checked without a notification.
@@ -116,7 +116,7 @@ impl Inner {
             let outcome = if self.backend.is_spooled(name.as_bytes())? {
                 Outcome::Stored
             } else {
-                match spool::read_trusted(dirs, name) {
+                match read_trusted(dirs, name) {
                     Err(reason) => Outcome::Rejected(reason),
                     Ok(entry) => self.store_spooled(name, entry)?,
                 }

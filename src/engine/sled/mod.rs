@@ -27,11 +27,11 @@ use self::backend::RecordCounts;
 use self::backend::{Backend, Bytes, OpenOptions};
 #[cfg(test)]
 pub(crate) use self::backend::{RecordCounts, clean_mark_text, parse_clean_mark};
-pub(crate) use self::backend::{io_error, sync_dir};
 use self::bulk::{Bulk, BulkList, Maintenance};
 use self::commit::GroupCommit;
 use self::index::PendingIndex;
 use super::{Common, EmptyLease, Engine, LeaseState, Outgoing, Rules};
+use crate::fs::sync_dir;
 use crate::message::{BulkSend, MessageId};
 use crate::recipients::Recipients;
 use crate::record::{self, QuarantinedRecord, Record};
