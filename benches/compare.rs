@@ -56,6 +56,10 @@
 //! are missing. `--only redis` runs just the workloads with Redis rows,
 //! with ours on sled and the baselines those rows compare with.
 
+#[path = "support/commit.rs"]
+mod commit;
+use commit::commit;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
@@ -406,30 +410,6 @@ fn parent(quick: bool, only: Option<&str>) -> Res<()> {
         std::thread::available_parallelism().map_or(0, usize::from)
     );
     Ok(())
-}
-
-/// The commit measured: `git rev-parse --short HEAD`, plus `-dirty` when
-/// tracked files differ from it.
-fn commit() -> String {
-    let dir = env!("CARGO_MANIFEST_DIR");
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .arg("-C")
-            .arg(dir)
-            .args(args)
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-    };
-    let Some(head) = git(&["rev-parse", "--short", "HEAD"]) else {
-        return "unknown (not a git checkout)".into();
-    };
-    match git(&["status", "--porcelain", "--untracked-files=no"]) {
-        Some(changes) if changes.is_empty() => head,
-        Some(_) => format!("{head}-dirty"),
-        None => format!("{head} (status unknown)"),
-    }
 }
 
 /// CPU model and kernel, for the header.

@@ -12,32 +12,17 @@
 //! app side polls `get_messages` every 0.2 ms, so the figures include up to
 //! 0.2 ms of polling. The store uses the default `Durability::Immediate`.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use async_messages::{MessageStore, Spool};
 
+#[path = "support/commit.rs"]
+mod commit;
+use commit::commit;
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[index.min(sorted.len() - 1)]
-}
-
-fn commit() -> String {
-    let dir = env!("CARGO_MANIFEST_DIR");
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .arg("-C")
-            .arg(dir)
-            .args(args)
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-    };
-    let head = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
-    let dirty =
-        git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
-    if dirty { format!("{head}-dirty") } else { head }
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -13,7 +13,6 @@ use std::error::Error;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::child;
 use common::demo::{self, browser, login, page};
 
 const CHILD_ENV: &str = "ASYNC_MESSAGES_DEMO_CHILD";
@@ -22,14 +21,7 @@ const CHILD_ENV: &str = "ASYNC_MESSAGES_DEMO_CHILD";
 #[test]
 #[ignore = "child process: the web demo"]
 fn web_demo_child() {
-    if std::env::var_os(CHILD_ENV).is_none() {
-        return;
-    }
-    child::say(String::new());
-    if let Err(error) = web_demo::main() {
-        child::say(format!("error: {error}"));
-        std::process::exit(3);
-    }
+    demo::child(CHILD_ENV, web_demo::main);
 }
 
 #[test]

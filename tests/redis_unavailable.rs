@@ -382,13 +382,7 @@ mod layer {
     }
 
     fn serve(app: Router) -> std::result::Result<Served, Box<dyn StdError>> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
-        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
-        let addr = listener.local_addr()?;
-        runtime.spawn(async move { axum::serve(listener, app).await });
+        let (addr, runtime) = crate::common::web::serve_app(app)?;
         Ok(Served {
             addr,
             _runtime: runtime,

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::error::Error;
 use std::time::{Duration, Instant};
 
-use common::child::{self, Running};
+use common::child::Running;
 use common::demo::{self, Demo, browser, login, page, send};
 use common::redis::RedisServer;
 
@@ -32,15 +32,7 @@ const CHILD_ENV: &str = "ASYNC_MESSAGES_DEMO_CHILD";
 #[test]
 #[ignore = "child process: the web demo"]
 fn web_demo_child() {
-    if std::env::var_os(CHILD_ENV).is_none() {
-        return;
-    }
-    // The harness printed "test web_demo_child ... " without a newline.
-    child::say(String::new());
-    if let Err(error) = web_demo::main() {
-        child::say(format!("error: {error}"));
-        std::process::exit(3);
-    }
+    demo::child(CHILD_ENV, web_demo::main);
 }
 
 /// Starts the demo on a free port, its messages on `url` under `namespace`.

@@ -10,6 +10,20 @@ use super::child::{self, Running};
 
 type TestResult = Result<(), Box<dyn Error>>;
 
+/// The body of a test binary's ignored child test: runs the demo's `main`
+/// until killed, when `marker` is set in the environment (else nothing).
+pub fn child(marker: &str, main: fn() -> Result<(), Box<dyn Error>>) {
+    if std::env::var_os(marker).is_none() {
+        return;
+    }
+    // The harness printed "test … ... " without a newline.
+    child::say(String::new());
+    if let Err(error) = main() {
+        child::say(format!("error: {error}"));
+        std::process::exit(3);
+    }
+}
+
 /// A demo's address: `http://127.0.0.1:PORT`.
 pub struct Demo {
     pub base: String,

@@ -26,18 +26,26 @@ pub fn serve(
         .path(dir.path().join("store"))
         .min_level(Level::Debug)
         .open()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
-    let addr = listener.local_addr()?;
-    let app = app(store.clone());
-    runtime.spawn(async move { axum::serve(listener, app).await });
+    let (addr, runtime) = serve_app(app(store.clone()))?;
     Ok(Served {
         addr,
         store,
         runtime,
         dir,
     })
+}
+
+/// Serves `app` on a free port of 127.0.0.1, on a two-thread runtime that
+/// stops serving when dropped.
+pub fn serve_app(
+    app: axum::Router,
+) -> Result<(SocketAddr, tokio::runtime::Runtime), Box<dyn Error>> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let addr = listener.local_addr()?;
+    runtime.spawn(async move { axum::serve(listener, app).await });
+    Ok((addr, runtime))
 }
