@@ -9,15 +9,29 @@ use std::process::Command;
 use std::time::Duration;
 
 use async_messages::{Error, Level, MessageStore, Result, UserId};
+use common::engines::{Engine, Fixture};
 use common::mount::Mount;
 use common::{TestDir, raw_db, texts};
 
-/// A store holding two messages for user 1 and one for "ann".
-fn seeded(dir: &TestDir) -> Result<MessageStore> {
-    let store = dir.open()?;
+/// Two messages for user 1 and one for "ann".
+fn seed(store: &MessageStore) -> Result<()> {
     store.info(1_u64, "kept 1")?;
     store.info(1_u64, "kept 2")?;
     store.info("ann", "kept ann")?;
+    Ok(())
+}
+
+/// A sled store holding the [`seed`] messages.
+fn seeded(dir: &TestDir) -> Result<MessageStore> {
+    let store = dir.open()?;
+    seed(&store)?;
+    Ok(store)
+}
+
+/// A store on `engine` holding the [`seed`] messages.
+fn seeded_on(engine: Engine) -> Result<Fixture> {
+    let store = engine.open()?;
+    seed(&store)?;
     Ok(store)
 }
 
@@ -28,10 +42,8 @@ fn assert_kept(store: &MessageStore) -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn oversize_text_is_refused_and_nothing_changes() -> Result<()> {
-    let dir = TestDir::new();
-    let store = seeded(&dir)?;
+fn oversize_text_is_refused_and_nothing_changes(engine: Engine) -> Result<()> {
+    let mut store = seeded_on(engine)?;
     let huge = "x".repeat(64 << 20);
     let error = store
         .message_user(1_u64, huge.as_str(), Level::Info)
@@ -51,14 +63,12 @@ fn oversize_text_is_refused_and_nothing_changes() -> Result<()> {
     );
     assert_kept(&store)?;
     assert_eq!(store.count(2_u64)?, 0);
-    drop(store);
-    assert_kept(&dir.open()?)
+    store.reopen()?;
+    assert_kept(&store)
 }
 
-#[test]
-fn empty_text_is_refused_and_nothing_changes() -> Result<()> {
-    let dir = TestDir::new();
-    let store = seeded(&dir)?;
+fn empty_text_is_refused_and_nothing_changes(engine: Engine) -> Result<()> {
+    let store = seeded_on(engine)?;
     assert!(matches!(store.info(1_u64, ""), Err(Error::EmptyMessage)));
     assert!(matches!(
         store.message_users([1_u64, 2], "", Level::Info),
@@ -72,10 +82,8 @@ fn empty_text_is_refused_and_nothing_changes() -> Result<()> {
 /// A user id over 1 KiB in the middle of a long list: the whole send is
 /// rolled back (after 15,000 recipients were already written), also after
 /// a reopen.
-#[test]
-fn an_over_long_user_id_mid_list_rolls_back_the_whole_send() -> Result<()> {
-    let dir = TestDir::new();
-    let store = seeded(&dir)?;
+fn an_over_long_user_id_mid_list_rolls_back_the_whole_send(engine: Engine) -> Result<()> {
+    let mut store = seeded_on(engine)?;
     let long = "u".repeat(UserId::MAX_STR_BYTES + 1);
     let users = (0..30_000_u64).map(|i| {
         if i == 15_000 {
@@ -116,8 +124,14 @@ fn an_over_long_user_id_mid_list_rolls_back_the_whole_send() -> Result<()> {
         Ok(())
     };
     check(&store)?;
-    drop(store);
-    check(&dir.open()?)
+    store.reopen()?;
+    check(&store)
+}
+
+engine_tests! {
+    oversize_text_is_refused_and_nothing_changes,
+    empty_text_is_refused_and_nothing_changes,
+    an_over_long_user_id_mid_list_rolls_back_the_whole_send,
 }
 
 /// Linux: the process's resident memory, and its peak, in KiB.

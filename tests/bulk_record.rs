@@ -7,7 +7,8 @@ mod common;
 
 use std::collections::HashMap;
 
-use async_messages::{Level, MessageStore, Result, UserId};
+use async_messages::{Level, Result, UserId};
+use common::engines::Engine;
 use common::{TestDir, raw_db, texts};
 
 /// More than the threshold at which a send becomes one shared record.
@@ -17,10 +18,8 @@ fn many_ints() -> std::ops::Range<u64> {
     0..MANY
 }
 
-#[test]
-fn a_large_bulk_send_reaches_every_recipient_once() -> Result<()> {
-    let dir = TestDir::new();
-    let store = dir.open_fast()?;
+fn a_large_bulk_send_reaches_every_recipient_once(engine: Engine) -> Result<()> {
+    let store = engine.open_fast()?;
     let users: Vec<UserId> = many_ints()
         .map(UserId::from)
         .chain((0..MANY).map(|i| UserId::from(format!("user-{i}"))))
@@ -49,10 +48,8 @@ fn a_large_bulk_send_reaches_every_recipient_once() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn bulk_and_direct_messages_come_back_in_send_order() -> Result<()> {
-    let dir = TestDir::new();
-    let store = dir.open_fast()?;
+fn bulk_and_direct_messages_come_back_in_send_order(engine: Engine) -> Result<()> {
+    let store = engine.open_fast()?;
     store.info(5_u64, "first")?;
     store.message_users(many_ints(), "second (bulk)", Level::Info)?;
     store.info(5_u64, "third")?;
@@ -80,14 +77,10 @@ fn bulk_and_direct_messages_come_back_in_send_order() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn the_empty_queue_stays_empty_after_a_user_takes_a_bulk_message() -> Result<()> {
-    let dir = TestDir::new();
-    let store = MessageStore::builder()
-        .path(dir.store_path())
-        // One slot per user here, so "may have" is exact.
-        .index_slots(1 << 16)
-        .open()?;
+fn the_empty_queue_stays_empty_after_a_user_takes_a_bulk_message(engine: Engine) -> Result<()> {
+    // One slot per user here, so "may have" is exact on sled (the other
+    // engines answer it exactly anyway).
+    let store = engine.open_with(|builder| builder.index_slots(1 << 16))?;
     assert!(!store.may_have_messages(3_u64));
     store.message_users(many_ints(), "hello", Level::Info)?;
     assert!(store.may_have_messages(3_u64));
@@ -106,10 +99,8 @@ fn the_empty_queue_stays_empty_after_a_user_takes_a_bulk_message() -> Result<()>
     Ok(())
 }
 
-#[test]
-fn a_user_listed_twice_gets_one_copy() -> Result<()> {
-    let dir = TestDir::new();
-    let store = dir.open_fast()?;
+fn a_user_listed_twice_gets_one_copy(engine: Engine) -> Result<()> {
+    let store = engine.open_fast()?;
     let users = many_ints().chain(many_ints()).map(UserId::from);
     let strings = (0..300)
         .chain(0..300)
@@ -122,10 +113,8 @@ fn a_user_listed_twice_gets_one_copy() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn an_invalid_id_anywhere_in_a_large_send_stores_nothing() -> Result<()> {
-    let dir = TestDir::new();
-    let store = dir.open_fast()?;
+fn an_invalid_id_anywhere_in_a_large_send_stores_nothing(engine: Engine) -> Result<()> {
+    let store = engine.open_fast()?;
     let long = UserId::from("x".repeat(UserId::MAX_STR_BYTES + 1));
     let users = many_ints()
         .map(UserId::from)
@@ -141,10 +130,8 @@ fn an_invalid_id_anywhere_in_a_large_send_stores_nothing() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn leases_hide_bulk_messages_and_a_release_gives_them_back() -> Result<()> {
-    let dir = TestDir::new();
-    let store = dir.open_fast()?;
+fn leases_hide_bulk_messages_and_a_release_gives_them_back(engine: Engine) -> Result<()> {
+    let store = engine.open_fast()?;
     store.info(1_u64, "direct before")?;
     store.message_users(many_ints(), "bulk", Level::Info)?;
     let lease = store.lease_messages(1_u64)?;
@@ -170,19 +157,16 @@ fn leases_hide_bulk_messages_and_a_release_gives_them_back() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn a_reopened_store_remembers_who_took_a_bulk_message() -> Result<()> {
-    let dir = TestDir::new();
-    {
-        let store = dir.open()?;
-        store.message_users(many_ints(), "remember me", Level::Info)?;
-        store.message_users((0..MANY).map(|i| format!("u{i}")), "strings", Level::Info)?;
-        for user in 0..MANY / 2 {
-            assert_eq!(store.get_messages(user)?.len(), 1);
-        }
-        assert_eq!(store.get_messages("u1")?.len(), 1);
+/// Not on memory, which has no reopen.
+fn a_reopened_store_remembers_who_took_a_bulk_message(engine: Engine) -> Result<()> {
+    let mut store = engine.open()?;
+    store.message_users(many_ints(), "remember me", Level::Info)?;
+    store.message_users((0..MANY).map(|i| format!("u{i}")), "strings", Level::Info)?;
+    for user in 0..MANY / 2 {
+        assert_eq!(store.get_messages(user)?.len(), 1);
     }
-    let store = dir.open()?;
+    assert_eq!(store.get_messages("u1")?.len(), 1);
+    store.reopen()?;
     for user in 0..MANY / 2 {
         assert!(store.get_messages(user)?.is_empty(), "user {user} again");
     }
@@ -192,6 +176,17 @@ fn a_reopened_store_remembers_who_took_a_bulk_message() -> Result<()> {
     }
     assert_eq!(texts(&store.get_messages("u2")?), ["strings"]);
     Ok(())
+}
+
+engine_tests! {
+    a_large_bulk_send_reaches_every_recipient_once,
+    bulk_and_direct_messages_come_back_in_send_order,
+    the_empty_queue_stays_empty_after_a_user_takes_a_bulk_message,
+    a_user_listed_twice_gets_one_copy,
+    an_invalid_id_anywhere_in_a_large_send_stores_nothing,
+    leases_hide_bulk_messages_and_a_release_gives_them_back,
+    a_reopened_store_remembers_who_took_a_bulk_message: Sled | Redis,
+    concurrent_drains_take_each_bulk_message_once_and_in_order,
 }
 
 /// Counts the records the store keeps in sled, once it is closed.
@@ -286,12 +281,10 @@ fn a_damaged_bulk_record_is_quarantined_and_the_rest_is_kept() -> Result<()> {
 /// two senders: every message reaches exactly one drain, and a drain that
 /// started after another ended never delivers an earlier message of the same
 /// sender.
-#[test]
-fn concurrent_drains_take_each_bulk_message_once_and_in_order() -> Result<()> {
+fn concurrent_drains_take_each_bulk_message_once_and_in_order(engine: Engine) -> Result<()> {
     const USERS: u64 = 8;
     const ROUNDS: u64 = 40;
-    let dir = TestDir::new();
-    let store = dir.open_fast()?;
+    let store = engine.open_fast()?;
     // Every bulk send lists the racing users among many others.
     let recipients = || (0..USERS).chain(1_000..1_400);
     let clock = std::sync::atomic::AtomicU64::new(0);
@@ -434,7 +427,7 @@ fn a_drain_cut_off_after_its_mark_is_finished_at_open() -> Result<()> {
         store.message_users(many_ints(), "bulk", Level::Info)?;
         store.info(1_u64, "direct after")?;
     }
-    let user_records = || -> Vec<(sled::IVec, sled::IVec)> {
+    let user_records = || -> Vec<(::sled::IVec, ::sled::IVec)> {
         let db = raw_db(&dir.store_path());
         let tree = db.open_tree("messages").expect("messages tree");
         let mut prefix = vec![1_u8];

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 
 use async_messages::{Level, MessageStore, Result};
-use common::TestDir;
+use common::engines::Engine;
 
 const SENDERS: usize = 4;
 const DRAINERS: usize = 3;
@@ -208,21 +208,26 @@ fn run(store: &MessageStore, bulk: bool) -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn senders_and_drainers_on_one_user_deliver_each_message_exactly_once() -> Result<()> {
-    let dir = TestDir::new();
-    run(&dir.open_fast()?, false)
+fn senders_and_drainers_on_one_user_deliver_each_message_exactly_once(
+    engine: Engine,
+) -> Result<()> {
+    run(engine.open_fast()?.store(), false)
 }
 
-#[test]
-fn exactly_once_holds_with_bulk_sends_and_durable_writes() -> Result<()> {
-    let dir = TestDir::new();
-    let store = dir.open()?;
+/// Durable writes on sled (`Durability::Immediate`, the default); the other
+/// engines have no such setting (Redis is as durable as its server's AOF).
+fn exactly_once_holds_with_bulk_sends_and_durable_writes(engine: Engine) -> Result<()> {
+    let store = engine.open()?;
     run(&store, true)?;
     // The other bulk recipients got every bulk message once.
     let eight = store.get_messages(8_u64)?;
     assert_eq!(eight.len(), SENDERS * PER_SENDER.div_ceil(3));
     Ok(())
+}
+
+engine_tests! {
+    senders_and_drainers_on_one_user_deliver_each_message_exactly_once,
+    exactly_once_holds_with_bulk_sends_and_durable_writes,
 }
 
 /// The control: the order check catches each way a drain history can break

@@ -4,6 +4,10 @@
 //! reference (`BTreeMap<UserId, VecDeque<..>>` plus the leased messages); after
 //! every step both must agree exactly (texts, levels, ids, order).
 //!
+//! Runs on every engine. "Reopen" is a close and reopen on sled, a new
+//! handle on the same server and namespace on Redis, and in memory (which
+//! cannot outlive its handle) only the drop of the open leases.
+//!
 //! 256 cases by default (or `PROPTEST_CASES`); 10,000 in the ignored
 //! `model_long`.
 
@@ -12,10 +16,10 @@ mod common;
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::time::Duration;
 
-use async_messages::{Durability, Error, Lease, Level, MessageStore, UserId};
-use common::TestDir;
+use async_messages::{Durability, Error, Lease, Level, UserId};
+use common::engines::{Engine, Fixture, Stores};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError};
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
 /// Users, including the tricky ones: 0 and `u64::MAX`, `""`, `"a"` next
 /// to `"ab"`, a NUL byte, non-ASCII, and `"0"` next to integer 0.
@@ -96,14 +100,14 @@ const FILLER: u64 = 300;
 /// What the reference holds for each message: id, text, level.
 type Queued = (u64, String, Level);
 
-fn open(dir: &TestDir) -> async_messages::Result<MessageStore> {
-    MessageStore::builder()
-        .path(dir.store_path())
-        // Durability is not the point here (the crash loop tests it);
-        // a clean close must keep everything anyway.
-        .durability(Durability::Periodic(Duration::from_secs(60)))
-        .index_slots(64) // small, so that users share slots
-        .open()
+fn open(stores: &Stores) -> async_messages::Result<Fixture> {
+    stores.open_with(|builder| {
+        builder
+            // Durability is not the point here (the crash loop tests it);
+            // a clean close must keep everything anyway.
+            .durability(Durability::Periodic(Duration::from_secs(60)))
+            .index_slots(64) // small, so that users share slots
+    })
 }
 
 fn shown(messages: &[async_messages::Message]) -> Vec<Queued> {
@@ -113,11 +117,10 @@ fn shown(messages: &[async_messages::Message]) -> Vec<Queued> {
         .collect()
 }
 
-fn run(ops: &[Op]) -> Result<(), TestCaseError> {
+fn run(stores: &Stores, ops: &[Op]) -> Result<(), TestCaseError> {
     let fail = |e: Error| TestCaseError::fail(format!("unexpected error: {e}"));
     let users = users();
-    let dir = TestDir::new();
-    let mut store = open(&dir).map_err(fail)?;
+    let mut store = open(stores).map_err(fail)?;
     let mut model: BTreeMap<UserId, VecDeque<Queued>> = BTreeMap::new();
     // (user, id) pairs hidden by an open lease (a bulk send's id is shared
     // by its recipients), and the open leases with what each took.
@@ -265,15 +268,13 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 // back. Reopening right after the drop must work.
                 leases.clear();
                 leased.clear();
-                drop(store);
-                store = open(&dir).map_err(fail)?;
+                store.reopen().map_err(fail)?;
             }
         }
     }
     // At the end, after one more reopen, every user holds exactly the model.
     leases.clear();
-    drop(store);
-    let store = open(&dir).map_err(fail)?;
+    store.reopen().map_err(fail)?;
     for user in &users {
         let got = shown(&store.get_messages(user).map_err(fail)?);
         let want: Vec<Queued> = model.remove(user).unwrap_or_default().into();
@@ -284,23 +285,33 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-proptest! {
-    #![proptest_config(Config { failure_persistence: None, ..Config::default() })]
-
-    /// The store behaves exactly like the reference (256 cases, or `PROPTEST_CASES`).
-    #[test]
-    fn store_matches_the_reference(ops in proptest::collection::vec(any_op(), 1..40)) {
-        run(&ops)?;
+/// Runs `cases` random operation sequences of up to `most_ops` operations
+/// on `engine`.
+fn check(engine: Engine, cases: u32, most_ops: usize) {
+    let stores = engine.stores();
+    let config = Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    };
+    let ops = proptest::collection::vec(any_op(), 1..most_ops);
+    if let Err(failure) = TestRunner::new(config).run(&ops, |ops| run(&stores, &ops)) {
+        panic!("{failure}");
     }
 }
 
-proptest! {
-    #![proptest_config(Config { cases: 10_000, failure_persistence: None, ..Config::default() })]
+/// The store behaves exactly like the reference (256 cases, or `PROPTEST_CASES`).
+fn store_matches_the_reference(engine: Engine) {
+    check(engine, Config::default().cases, 40);
+}
 
-    /// `cargo test --all-features --release --test model -- --ignored model_long`
-    #[test]
+/// `cargo test --all-features --release --test model -- --ignored model_long`
+fn model_long(engine: Engine) {
+    check(engine, 10_000, 60);
+}
+
+engine_tests! {
+    store_matches_the_reference,
     #[ignore = "long run: 10,000 cases"]
-    fn model_long(ops in proptest::collection::vec(any_op(), 1..60)) {
-        run(&ops)?;
-    }
+    model_long,
 }

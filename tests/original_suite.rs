@@ -1,14 +1,13 @@
-//! django-async-messages' own test suite, restated.
+//! django-async-messages' own test suite, restated, on every engine.
 
 mod common;
 
 use async_messages::{Level, MessageStore, Result};
-use common::{TestDir, texts};
+use common::engines::Engine;
+use common::texts;
 
-#[test]
-fn a_message_appears_for_its_user_once() -> Result<()> {
-    let dir = TestDir::new();
-    let store = dir.open()?;
+fn a_message_appears_for_its_user_once(engine: Engine) -> Result<()> {
+    let store = engine.open()?;
     store.message_user(1_u64, "Barry, your report is ready", Level::Info)?;
     assert_eq!(
         texts(&store.get_messages(1_u64)?),
@@ -18,10 +17,8 @@ fn a_message_appears_for_its_user_once() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn message_users_reaches_every_user() -> Result<()> {
-    let dir = TestDir::new();
-    let store = dir.open()?;
+fn message_users_reaches_every_user(engine: Engine) -> Result<()> {
+    let store = engine.open()?;
     let sent = store.message_users(["ann", "bob", "cy"], "Boom!", Level::Warning)?;
     assert_eq!(sent.recipients(), 3);
     for user in ["ann", "bob", "cy"] {
@@ -33,10 +30,8 @@ fn message_users_reaches_every_user() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn queued_messages_keep_their_order() -> Result<()> {
-    let dir = TestDir::new();
-    let store = dir.open()?;
+fn queued_messages_keep_their_order(engine: Engine) -> Result<()> {
+    let store = engine.open()?;
     store.info(5_u64, "first")?;
     store.message_users([5_u64, 6], "second", Level::Info)?;
     store.info(5_u64, "third")?;
@@ -47,10 +42,8 @@ fn queued_messages_keep_their_order() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn a_user_never_messaged_gets_nothing() -> Result<()> {
-    let dir = TestDir::new();
-    let store = dir.open()?;
+fn a_user_never_messaged_gets_nothing(engine: Engine) -> Result<()> {
+    let store = engine.open()?;
     store.info(1_u64, "for someone else")?;
     assert!(store.get_messages(2_u64)?.is_empty());
     assert!(store.get_messages("anonymous")?.is_empty());
@@ -58,13 +51,8 @@ fn a_user_never_messaged_gets_nothing() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn each_shortcut_delivers_its_level() -> Result<()> {
-    let dir = TestDir::new();
-    let store = MessageStore::builder()
-        .path(dir.store_path())
-        .min_level(Level::Debug)
-        .open()?;
+fn each_shortcut_delivers_its_level(engine: Engine) -> Result<()> {
+    let store = engine.open_with(|builder| builder.min_level(Level::Debug))?;
     store.debug(1_u64, "debug")?;
     store.info(1_u64, "info")?;
     store.success(1_u64, "success")?;
@@ -85,10 +73,8 @@ fn each_shortcut_delivers_its_level() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn debug_is_hidden_by_default() -> Result<()> {
-    let dir = TestDir::new();
-    let store = dir.open()?;
+fn debug_is_hidden_by_default(engine: Engine) -> Result<()> {
+    let store = engine.open()?;
     assert_eq!(store.debug(1_u64, "noise")?, None);
     let bulk = store.message_users([1_u64, 2], "noise", Level::Debug)?;
     assert_eq!(bulk.recipients(), 0);
@@ -96,6 +82,37 @@ fn debug_is_hidden_by_default() -> Result<()> {
     assert_eq!(texts(&store.get_messages(1_u64)?), ["signal"]);
     assert!(store.get_messages(2_u64)?.is_empty());
     Ok(())
+}
+
+fn peek_and_count_do_not_drain(engine: Engine) -> Result<()> {
+    let store = engine.open()?;
+    store.info("ann", "one")?;
+    store.info("ann", "two")?;
+    assert_eq!(texts(&store.peek("ann")?), ["one", "two"]);
+    assert_eq!(store.count("ann")?, 2);
+    assert_eq!(texts(&store.get_messages("ann")?), ["one", "two"]);
+    assert_eq!(store.count("ann")?, 0);
+    Ok(())
+}
+
+fn messages_carry_when_they_were_sent(engine: Engine) -> Result<()> {
+    let store = engine.open()?;
+    let before = std::time::SystemTime::now() - std::time::Duration::from_secs(1);
+    store.info(1_u64, "now")?;
+    let message = &store.get_messages(1_u64)?[0];
+    assert!(message.sent_at() >= before);
+    assert!(message.sent_at() <= std::time::SystemTime::now() + std::time::Duration::from_secs(1));
+    Ok(())
+}
+engine_tests! {
+    a_message_appears_for_its_user_once,
+    message_users_reaches_every_user,
+    queued_messages_keep_their_order,
+    a_user_never_messaged_gets_nothing,
+    each_shortcut_delivers_its_level,
+    debug_is_hidden_by_default,
+    peek_and_count_do_not_drain,
+    messages_carry_when_they_were_sent,
 }
 
 #[test]
@@ -107,31 +124,6 @@ fn levels_have_djangos_values_order_and_names() {
     assert_eq!("WARNING".parse::<Level>().ok(), Some(Level::Warning));
     assert_eq!("40".parse::<Level>().ok(), Some(Level::Error));
     assert!("loud".parse::<Level>().is_err());
-}
-
-#[test]
-fn peek_and_count_do_not_drain() -> Result<()> {
-    let dir = TestDir::new();
-    let store = dir.open()?;
-    store.info("ann", "one")?;
-    store.info("ann", "two")?;
-    assert_eq!(texts(&store.peek("ann")?), ["one", "two"]);
-    assert_eq!(store.count("ann")?, 2);
-    assert_eq!(texts(&store.get_messages("ann")?), ["one", "two"]);
-    assert_eq!(store.count("ann")?, 0);
-    Ok(())
-}
-
-#[test]
-fn messages_carry_when_they_were_sent() -> Result<()> {
-    let dir = TestDir::new();
-    let store = dir.open()?;
-    let before = std::time::SystemTime::now() - std::time::Duration::from_secs(1);
-    store.info(1_u64, "now")?;
-    let message = &store.get_messages(1_u64)?[0];
-    assert!(message.sent_at() >= before);
-    assert!(message.sent_at() <= std::time::SystemTime::now() + std::time::Duration::from_secs(1));
-    Ok(())
 }
 
 #[test]

@@ -4,12 +4,10 @@
 mod common;
 
 use async_messages::{Error, Level, MessageStore, Result, UserId};
-use common::TestDir;
+use common::engines::Engine;
 
-#[test]
-fn a_64_mib_message_is_refused_and_nothing_is_stored() -> Result<()> {
-    let dir = TestDir::new();
-    let store = dir.open()?;
+fn a_64_mib_message_is_refused_and_nothing_is_stored(engine: Engine) -> Result<()> {
+    let store = engine.open()?;
     let huge = "x".repeat(64 << 20);
     let error = store
         .message_user(1_u64, huge.clone(), Level::Info)
@@ -27,11 +25,9 @@ fn a_64_mib_message_is_refused_and_nothing_is_stored() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn the_default_limit_is_64_kib_and_at_most_1_mib() -> Result<()> {
+fn the_default_limit_is_64_kib_and_at_most_1_mib(engine: Engine) -> Result<()> {
     assert_eq!(MessageStore::DEFAULT_MAX_MESSAGE_BYTES, 64 * 1024);
-    let dir = TestDir::new();
-    let store = dir.open()?;
+    let store = engine.open()?;
     let limit = MessageStore::DEFAULT_MAX_MESSAGE_BYTES;
     store.info(1_u64, "y".repeat(limit))?;
     assert!(matches!(
@@ -42,13 +38,8 @@ fn the_default_limit_is_64_kib_and_at_most_1_mib() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn the_limit_is_configurable() -> Result<()> {
-    let dir = TestDir::new();
-    let store = MessageStore::builder()
-        .path(dir.store_path())
-        .max_message_bytes(10)
-        .open()?;
+fn the_limit_is_configurable(engine: Engine) -> Result<()> {
+    let store = engine.open_with(|builder| builder.max_message_bytes(10))?;
     store.info(1_u64, "0123456789")?;
     assert!(matches!(
         store.info(1_u64, "0123456789A"),
@@ -60,10 +51,8 @@ fn the_limit_is_configurable() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn an_empty_message_is_refused() -> Result<()> {
-    let dir = TestDir::new();
-    let store = dir.open()?;
+fn an_empty_message_is_refused(engine: Engine) -> Result<()> {
+    let store = engine.open()?;
     assert!(matches!(store.info(1_u64, ""), Err(Error::EmptyMessage)));
     assert!(matches!(
         store.message_users([1_u64], "", Level::Info),
@@ -73,10 +62,8 @@ fn an_empty_message_is_refused() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn an_over_long_user_id_is_refused_and_rolls_back_a_bulk_send() -> Result<()> {
-    let dir = TestDir::new();
-    let store = dir.open()?;
+fn an_over_long_user_id_is_refused_and_rolls_back_a_bulk_send(engine: Engine) -> Result<()> {
+    let mut store = engine.open()?;
     let long = UserId::Str("u".repeat(UserId::MAX_STR_BYTES + 1));
     assert!(matches!(
         store.info(long.clone(), "hi"),
@@ -93,9 +80,16 @@ fn an_over_long_user_id_is_refused_and_rolls_back_a_bulk_send() -> Result<()> {
         assert!(store.get_messages(user)?.is_empty(), "user {user}");
     }
     // And after a reopen (recovery rolls the orphans back for good).
-    drop(store);
-    let store = dir.open()?;
+    store.reopen()?;
     assert!(store.get_messages(0_u64)?.is_empty());
     assert!(store.get_messages(19_999_u64)?.is_empty());
     Ok(())
+}
+
+engine_tests! {
+    a_64_mib_message_is_refused_and_nothing_is_stored,
+    the_default_limit_is_64_kib_and_at_most_1_mib,
+    the_limit_is_configurable,
+    an_empty_message_is_refused,
+    an_over_long_user_id_is_refused_and_rolls_back_a_bulk_send,
 }

@@ -4,7 +4,10 @@
 mod common;
 
 use async_messages::{DeliveryMode, DrainPolicy, RequestHook, RequestKind, Result, UserId};
-use common::{TestDir, texts};
+use std::time::{Duration, Instant};
+
+use common::engines::{self, Engine};
+use common::texts;
 
 const BROWSER_ACCEPT: &str =
     "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8";
@@ -43,10 +46,8 @@ fn page_navigations_are_recognised() {
     }
 }
 
-#[test]
-fn only_pages_of_known_users_take_messages() -> Result<()> {
-    let dir = TestDir::new();
-    let store = dir.open()?;
+fn only_pages_of_known_users_take_messages(engine: Engine) -> Result<()> {
+    let store = engine.open()?;
     let hook = RequestHook::new(store.clone());
     store.info(1_u64, "hello")?;
     assert!(hook.on_request(None, &page()).is_empty());
@@ -60,10 +61,8 @@ fn only_pages_of_known_users_take_messages() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn at_most_once_removes_even_if_the_page_fails() -> Result<()> {
-    let dir = TestDir::new();
-    let store = dir.open()?;
+fn at_most_once_removes_even_if_the_page_fails(engine: Engine) -> Result<()> {
+    let store = engine.open()?;
     let hook = RequestHook::new(store.clone());
     store.info(1_u64, "gone")?;
     hook.on_request(user(1), &page()).finish(500);
@@ -71,10 +70,8 @@ fn at_most_once_removes_even_if_the_page_fails() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn at_least_once_keeps_messages_until_a_response_succeeds() -> Result<()> {
-    let dir = TestDir::new();
-    let store = dir.open()?;
+fn at_least_once_keeps_messages_until_a_response_succeeds(engine: Engine) -> Result<()> {
+    let store = engine.open()?;
     let hook = RequestHook::new(store.clone()).mode(DeliveryMode::AtLeastOnce);
     store.info(1_u64, "important")?;
 
@@ -97,29 +94,37 @@ fn at_least_once_keeps_messages_until_a_response_succeeds() -> Result<()> {
     Ok(())
 }
 
-const LEASE_ENV: &str = "ASYNC_MESSAGES_LEASE_DIR";
+/// On Redis, how long the dying child's lease hides the message.
+const LEASE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Run in a child process: leases the messages, then dies before answering.
 #[test]
 #[ignore = "child process of leased_messages_survive_the_process_dying"]
 fn lease_then_die() -> Result<()> {
-    let Ok(path) = std::env::var(LEASE_ENV) else {
+    let Some(builder) = engines::child_builder() else {
         return Ok(());
     };
-    let store = async_messages::MessageStore::open(path)?;
+    let store = builder.lease_timeout(LEASE_TIMEOUT).open()?;
     let hook = RequestHook::new(store).mode(DeliveryMode::AtLeastOnce);
     let delivery = hook.on_request(user(1), &page());
     println!("leased {}", delivery.messages().len());
     std::process::abort();
 }
 
-#[test]
-fn leased_messages_survive_the_process_dying() -> Result<()> {
-    let dir = TestDir::new();
-    dir.open()?.info(1_u64, "survives")?;
+/// On sled the lease dies with the process (the next open has the message
+/// back). Redis outlives the process: the message stays hidden until the
+/// dead process's lease times out, then comes back. Not in memory, which
+/// no other process can open.
+fn leased_messages_survive_the_process_dying(engine: Engine) -> Result<()> {
+    let mut store = engine.open()?;
+    store.info(1_u64, "survives")?;
+    if engine == Engine::Sled {
+        // One process at a time.
+        store.close();
+    }
     let output = std::process::Command::new(std::env::current_exe().expect("test binary"))
         .args(["--exact", "lease_then_die", "--ignored", "--nocapture"])
-        .env(LEASE_ENV, dir.store_path())
+        .envs(store.child_env())
         .stderr(std::process::Stdio::null())
         .output()
         .expect("run the child");
@@ -129,15 +134,32 @@ fn leased_messages_survive_the_process_dying() -> Result<()> {
         stdout.contains("leased 1"),
         "the child leased the message: {stdout}"
     );
-    let store = dir.open()?;
-    assert_eq!(texts(&store.get_messages(1_u64)?), ["survives"]);
-    Ok(())
+    if engine == Engine::Sled {
+        store.reopen()?;
+        assert_eq!(texts(&store.get_messages(1_u64)?), ["survives"]);
+        return Ok(());
+    }
+    assert!(
+        store.get_messages(1_u64)?.is_empty(),
+        "the dead process's lease still holds the message"
+    );
+    let deadline = Instant::now() + LEASE_TIMEOUT + Duration::from_secs(10);
+    loop {
+        let got = store.get_messages(1_u64)?;
+        if !got.is_empty() {
+            assert_eq!(texts(&got), ["survives"]);
+            return Ok(());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the message did not come back after the lease timeout"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
-#[test]
-fn policies_can_be_widened_or_replaced() -> Result<()> {
-    let dir = TestDir::new();
-    let store = dir.open()?;
+fn policies_can_be_widened_or_replaced(engine: Engine) -> Result<()> {
+    let store = engine.open()?;
     let xhr = RequestKind::new("POST").header("X-Requested-With", "XMLHttpRequest");
     store.info(1_u64, "a")?;
     let all = RequestHook::new(store.clone()).policy(DrainPolicy::AllRequests);
@@ -148,4 +170,12 @@ fn policies_can_be_widened_or_replaced() -> Result<()> {
     assert!(posts_only.on_request(user(1), &page()).is_empty());
     assert_eq!(posts_only.on_request(user(1), &xhr).messages().len(), 1);
     Ok(())
+}
+
+engine_tests! {
+    only_pages_of_known_users_take_messages,
+    at_most_once_removes_even_if_the_page_fails,
+    at_least_once_keeps_messages_until_a_response_succeeds,
+    leased_messages_survive_the_process_dying: Sled | Redis,
+    policies_can_be_widened_or_replaced,
 }

@@ -6,8 +6,10 @@ mod common;
 use std::collections::BTreeMap;
 
 use async_messages::{Level, Result, UserId};
-use common::{TestDir, texts};
+use common::engines::Engine;
+use common::texts;
 use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
 
 fn tricky_users() -> Vec<UserId> {
     vec![
@@ -28,10 +30,8 @@ fn tricky_users() -> Vec<UserId> {
     ]
 }
 
-#[test]
-fn tricky_ids_each_get_only_their_own_messages() -> Result<()> {
-    let dir = TestDir::new();
-    let store = dir.open_fast()?;
+fn tricky_ids_each_get_only_their_own_messages(engine: Engine) -> Result<()> {
+    let store = engine.open_fast()?;
     let users = tricky_users();
     for (i, user) in users.iter().enumerate() {
         store.message_user(user, format!("for {i}"), Level::Info)?;
@@ -47,10 +47,8 @@ fn tricky_ids_each_get_only_their_own_messages() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn integer_and_string_ids_are_different_users() -> Result<()> {
-    let dir = TestDir::new();
-    let store = dir.open_fast()?;
+fn integer_and_string_ids_are_different_users(engine: Engine) -> Result<()> {
+    let store = engine.open_fast()?;
     store.info(7_u64, "int")?;
     store.info("7", "string")?;
     assert_eq!(texts(&store.get_messages("7")?), ["string"]);
@@ -67,22 +65,31 @@ fn any_user() -> impl Strategy<Value = UserId> {
     ]
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
-
-    /// Whatever the ids, each user receives exactly the messages sent to it.
-    #[test]
-    fn any_ids_are_isolated(sends in proptest::collection::vec((any_user(), 0_u8..3), 1..24)) {
-        let dir = TestDir::new();
-        let store = dir.open_fast().expect("open");
+/// Whatever the ids, each user receives exactly the messages sent to it.
+fn any_ids_are_isolated(engine: Engine) {
+    let stores = engine.stores();
+    let config = Config {
+        cases: 48,
+        // As `proptest!` does: a failing case is saved next to this file.
+        source_file: Some(file!()),
+        ..Config::default()
+    };
+    let sends = proptest::collection::vec((any_user(), 0_u8..3), 1..24);
+    let result = TestRunner::new(config).run(&sends, |sends| {
+        let store = stores.open_fast().expect("open");
         let mut expected: BTreeMap<UserId, Vec<String>> = BTreeMap::new();
         for (n, (user, kind)) in sends.iter().enumerate() {
             let text = format!("message {n}");
             if *kind == 0 {
-                store.message_users([user.clone(), UserId::Int(424_242)], &text, Level::Info).expect("bulk");
+                store
+                    .message_users([user.clone(), UserId::Int(424_242)], &text, Level::Info)
+                    .expect("bulk");
                 if *user != UserId::Int(424_242) {
                     // A user listed twice gets the message once.
-                    expected.entry(UserId::Int(424_242)).or_default().push(text.clone());
+                    expected
+                        .entry(UserId::Int(424_242))
+                        .or_default()
+                        .push(text.clone());
                 }
             } else {
                 store.message_user(user, &text, Level::Info).expect("send");
@@ -92,5 +99,15 @@ proptest! {
         for (user, want) in &expected {
             prop_assert_eq!(&texts(&store.get_messages(user).expect("drain")), want);
         }
+        Ok(())
+    });
+    if let Err(failure) = result {
+        panic!("{failure}");
     }
+}
+
+engine_tests! {
+    tricky_ids_each_get_only_their_own_messages,
+    integer_and_string_ids_are_different_users,
+    any_ids_are_isolated,
 }

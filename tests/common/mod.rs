@@ -4,6 +4,7 @@
 pub mod child;
 #[cfg(feature = "axum")]
 pub mod demo;
+pub mod engines;
 pub mod mount;
 pub mod redis;
 #[cfg(feature = "axum")]
