@@ -280,7 +280,12 @@ fn a_damaged_bulk_record_is_quarantined_and_the_rest_is_kept() -> Result<()> {
 /// Drainers and leases race on users holding bulk and direct messages from
 /// two senders: every message reaches exactly one drain, and a drain that
 /// started after another ended never delivers an earlier message of the same
-/// sender.
+/// sender, unless a lease held that earlier message while the other drain
+/// ran and then released it (a drain skips leased messages; a released one
+/// goes back to its place, ahead of what that drain took). That history is
+/// correct on every engine; its window is a lease's lifetime, microseconds
+/// on sled and in memory (not seen there in 20 runs) but round trips on
+/// Redis, where the check without this exception failed a correct engine.
 fn concurrent_drains_take_each_bulk_message_once_and_in_order(engine: Engine) -> Result<()> {
     const USERS: u64 = 8;
     const ROUNDS: u64 = 40;
@@ -290,6 +295,8 @@ fn concurrent_drains_take_each_bulk_message_once_and_in_order(engine: Engine) ->
     let clock = std::sync::atomic::AtomicU64::new(0);
     let tick = || clock.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let drains = parking_lot::Mutex::new(Vec::<Drain>::new());
+    // Leases released instead of committed, with what they held.
+    let released = parking_lot::Mutex::new(Vec::<Drain>::new());
     std::thread::scope(|scope| -> Result<()> {
         let mut handles = Vec::new();
         for sender in 0..2_u64 {
@@ -310,7 +317,7 @@ fn concurrent_drains_take_each_bulk_message_once_and_in_order(engine: Engine) ->
         }
         for drainer in 0..3_u64 {
             let store = store.clone();
-            let (drains, tick) = (&drains, &tick);
+            let (drains, released, tick) = (&drains, &released, &tick);
             handles.push(scope.spawn(move || -> Result<()> {
                 for step in 0..ROUNDS * 6 {
                     let user = (step + drainer) % USERS;
@@ -318,7 +325,10 @@ fn concurrent_drains_take_each_bulk_message_once_and_in_order(engine: Engine) ->
                     let got = if drainer == 0 {
                         let lease = store.lease_messages(user)?;
                         if step % 3 == 0 {
+                            let held = lease.messages().to_vec();
                             lease.release();
+                            let end = tick();
+                            released.lock().push(Drain::new(user, start, end, held));
                             Vec::new()
                         } else {
                             lease.commit()?
@@ -338,6 +348,7 @@ fn concurrent_drains_take_each_bulk_message_once_and_in_order(engine: Engine) ->
         Ok(())
     })?;
     let mut drains = drains.into_inner();
+    let released = released.into_inner();
     for user in 0..USERS {
         let start = tick();
         let got = store.get_messages(user)?;
@@ -371,6 +382,16 @@ fn concurrent_drains_take_each_bulk_message_once_and_in_order(engine: Engine) ->
             .filter(|b| b.user == a.user && a.end < b.start)
         {
             for &(sender, later) in &b.messages {
+                // Held by a lease that overlapped `a` and was released.
+                let was_leased = released.iter().any(|r| {
+                    r.user == a.user
+                        && r.start < a.end
+                        && a.start < r.end
+                        && r.messages.contains(&(sender, later))
+                });
+                if was_leased {
+                    continue;
+                }
                 if let Some(&(_, earlier)) =
                     a.messages.iter().find(|m| m.0 == sender && m.1 > later)
                 {
