@@ -221,7 +221,7 @@ impl Shared {
             let mut cache = self.bulks.lock();
             if cache.epoch != epoch {
                 *cache = BulkCache {
-                    epoch,
+                    epoch: epoch.clone(),
                     ..BulkCache::default()
                 };
             }
@@ -273,9 +273,21 @@ impl Shared {
             }
         }
         let mut cache = self.bulks.lock();
-        cache.bulks.retain(|id, _| ids.contains(id));
+        if cache.epoch != epoch {
+            // Another refresh found a new data set meanwhile: this snapshot
+            // is of the old one (the script will ask again).
+            return Ok(());
+        }
+        // Refreshes can overlap: a bulk send newer than this snapshot was
+        // added by a later one (or by this process's own send) and stays;
+        // an older one missing from it has been taken by everyone.
+        let newest = ids.iter().copied().max().unwrap_or(0);
+        let live: std::collections::HashSet<u64> = ids.into_iter().collect();
+        cache
+            .bulks
+            .retain(|id, _| *id > newest || live.contains(id));
         cache.bulks.extend(fetched);
-        cache.known = cache.known.max(ids.iter().copied().max().unwrap_or(0));
+        cache.known = cache.known.max(newest);
         Ok(())
     }
 
