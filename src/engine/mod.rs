@@ -10,8 +10,10 @@
 //!   Redis server;
 //! - `memory.rs`: in memory, for users' own tests and as a reference.
 //!
-//! Every engine keeps the same promises, checked by the same tests
-//! (`tests/conformance.rs` runs one suite against each): a drain returns
+//! Every engine keeps the same promises, checked by the same tests (each
+//! behavioural test is defined once and run on every engine through
+//! `engine_tests!` in `tests/common/engines.rs`; `tests/conformance.rs`
+//! adds the seam's own): a drain returns
 //! each message to exactly one caller, in send order per user; a bulk send
 //! is all or nothing and stored once; leased messages are hidden until the
 //! lease is committed, and come back in their original place when it is
