@@ -39,6 +39,15 @@ pub(crate) fn user_prefix(user: &UserId) -> Result<Vec<u8>> {
     }
 }
 
+/// Checks a user id against the rules every store shares: a string id is
+/// at most [`UserId::MAX_STR_BYTES`] long ([`Error::UserIdTooLong`]).
+pub(crate) fn check_user(user: &UserId) -> Result<()> {
+    match user {
+        UserId::Int(_) => Ok(()),
+        UserId::Str(name) => str_id_len(name).map(drop),
+    }
+}
+
 /// The length of a string user id as stored, or
 /// [`Error::UserIdTooLong`] above [`UserId::MAX_STR_BYTES`].
 pub(crate) fn str_id_len(name: &str) -> Result<u32> {

@@ -413,9 +413,7 @@ impl MessageStore {
             let mut set = Recipients::default();
             let mut read = 0_u64;
             for user in first.into_iter().chain(users) {
-                if let UserId::Str(name) = &user {
-                    key::str_id_len(name)?;
-                }
+                key::check_user(&user)?;
                 set.push(user);
                 read += 1;
                 if read.is_multiple_of(BULK_CHUNK) {
@@ -428,11 +426,7 @@ impl MessageStore {
             set.seal();
             self.engine.send_bulk(set, &message)?
         } else {
-            for user in &first {
-                if let UserId::Str(name) = user {
-                    key::str_id_len(name)?;
-                }
-            }
+            first.iter().try_for_each(key::check_user)?;
             self.engine.send_few(&first, &message, &mut |written| {
                 progress(Progress {
                     written,
@@ -640,16 +634,7 @@ impl MessageStore {
     }
 
     fn check_text(&self, text: &str) -> Result<()> {
-        if text.is_empty() {
-            return Err(Error::EmptyMessage);
-        }
-        if text.len() > self.rules.max_message_bytes {
-            return Err(Error::MessageTooLarge {
-                size: text.len(),
-                limit: self.rules.max_message_bytes,
-            });
-        }
-        Ok(())
+        self.rules.check_text(text)
     }
 }
 
@@ -724,9 +709,7 @@ impl Drop for Lease {
 
 /// A user id that passed the shared checks (a string id's length).
 fn checked(user: UserId) -> Result<UserId> {
-    if let UserId::Str(name) = &user {
-        key::str_id_len(name)?;
-    }
+    key::check_user(&user)?;
     Ok(user)
 }
 

@@ -58,6 +58,34 @@ pub(crate) struct Rules {
     pub(crate) max_message_bytes: usize,
 }
 
+impl Rules {
+    /// [`Error::EmptyMessage`](crate::Error::EmptyMessage) or
+    /// [`Error::MessageTooLarge`](crate::Error::MessageTooLarge) for a text
+    /// these rules refuse.
+    pub(crate) fn check_text(&self, text: &str) -> Result<()> {
+        if text.is_empty() {
+            return Err(crate::Error::EmptyMessage);
+        }
+        if text.len() > self.max_message_bytes {
+            return Err(crate::Error::MessageTooLarge {
+                size: text.len(),
+                limit: self.max_message_bytes,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Default for Rules {
+    /// The defaults of `MessageStore::builder()`.
+    fn default() -> Rules {
+        Rules {
+            min_level: Level::Info,
+            max_message_bytes: crate::MessageStore::DEFAULT_MAX_MESSAGE_BYTES,
+        }
+    }
+}
+
 /// One way of keeping the messages. Inputs are checked before they get
 /// here: texts are within the limit, string ids within theirs, and the
 /// level is at least the store's minimum.

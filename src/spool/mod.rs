@@ -34,6 +34,7 @@ use std::path::Path;
 pub(crate) use self::format::Dirs;
 use self::format::Entry;
 use self::format::{SpoolUser, encode, next_name};
+use crate::engine::Rules;
 use crate::fs::{io_error, sync_dir};
 use crate::message::now_ms;
 use crate::{Error, Level, MessageStore, Result, UserId, key};
@@ -165,21 +166,9 @@ impl Spool {
             Target::Store(store) => return store.message_users(users, text, level).map(drop),
             Target::Dir(dirs) => dirs,
         };
-        if text.is_empty() {
-            return Err(Error::EmptyMessage);
-        }
-        let limit = MessageStore::DEFAULT_MAX_MESSAGE_BYTES;
-        if text.len() > limit {
-            return Err(Error::MessageTooLarge {
-                size: text.len(),
-                limit,
-            });
-        }
-        for user in &users {
-            if let UserId::Str(name) = user {
-                key::str_id_len(name)?;
-            }
-        }
+        // The store's default limits: it checks its own again at intake.
+        Rules::default().check_text(&text)?;
+        users.iter().try_for_each(key::check_user)?;
         if users.is_empty() {
             return Ok(());
         }

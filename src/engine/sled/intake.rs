@@ -160,30 +160,20 @@ impl Inner {
         if level < rules.min_level {
             return Ok(Outcome::Dropped);
         }
-        if entry.text.len() > rules.max_message_bytes {
-            return Ok(Outcome::Rejected(format!(
-                "the text is {} bytes, over this store's limit of {}",
-                entry.text.len(),
-                rules.max_message_bytes
-            )));
-        }
         let users: BTreeSet<UserId> = entry.users.into_iter().map(UserId::from).collect();
-        let mut prefixes = Vec::with_capacity(users.len().min(THRESHOLD + 1));
-        if users.len() <= THRESHOLD {
-            for user in &users {
-                match key::user_prefix(user) {
-                    Ok(prefix) => prefixes.push(prefix),
-                    Err(error) => return Ok(Outcome::Rejected(error.to_string())),
-                }
-            }
-        } else if let Some(UserId::Str(name)) = users
-            .iter()
-            .find(|u| matches!(u, UserId::Str(n) if key::str_id_len(n).is_err()))
-        {
-            return Ok(Outcome::Rejected(format!("user id {name:?} is too long")));
+        // The store's own rules, which may be stricter than the sender's.
+        let checked = rules
+            .check_text(&entry.text)
+            .and_then(|()| users.iter().try_for_each(key::check_user));
+        if let Err(error) = checked {
+            return Ok(Outcome::Rejected(error.to_string()));
         }
         self.backend.check_space()?;
         if users.len() <= THRESHOLD {
+            let prefixes = users
+                .iter()
+                .map(key::user_prefix)
+                .collect::<Result<Vec<_>>>()?;
             self.store_spooled_records(name, level, entry.sent_at_ms, &entry.text, &prefixes)?;
         } else {
             let mut set = Recipients::default();
