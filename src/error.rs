@@ -42,6 +42,49 @@ pub enum Error {
         limit: usize,
     },
 
+    /// A replace key is empty; nothing was stored.
+    #[error(
+        "the replace key is empty; nothing was stored (use a key naming what the message is about, such as \"report:42\", or leave the key out)"
+    )]
+    EmptyReplaceKey,
+
+    /// A replace key is longer than [`MessageStore::MAX_REPLACE_KEY_BYTES`](crate::MessageStore::MAX_REPLACE_KEY_BYTES).
+    #[error(
+        "the replace key is {len} bytes long, over the limit of {limit} bytes; nothing was stored (name the subject with a shorter key, such as \"report:42\")"
+    )]
+    ReplaceKeyTooLong {
+        /// The key's length in bytes.
+        len: usize,
+        /// The limit in bytes.
+        limit: usize,
+    },
+
+    /// An expiry duration is zero or too long to mean anything; nothing
+    /// was stored (or, from the builder, the store was not opened).
+    #[error(
+        "an expiry of {duration:?} is not allowed: {reason}; nothing was stored (use a duration from 1 ms to {limit:?}, or no expiry to keep the message until it is delivered)"
+    )]
+    InvalidExpiry {
+        /// The duration given.
+        duration: std::time::Duration,
+        /// What is wrong with it.
+        reason: &'static str,
+        /// The longest expiry allowed ([`MessageStore::MAX_EXPIRY`](crate::MessageStore::MAX_EXPIRY)).
+        limit: std::time::Duration,
+    },
+
+    /// An announcement's level is below the store's minimum level, so it
+    /// would reach no one; nothing was stored.
+    #[error(
+        "the announcement's level {level} is below this store's minimum level {minimum}, so no one would see it; nothing was stored (raise its level, or lower the minimum with MessageStore::builder().min_level(..))"
+    )]
+    BelowMinimumLevel {
+        /// The announcement's level.
+        level: crate::Level,
+        /// The store's minimum level.
+        minimum: crate::Level,
+    },
+
     /// A level name could not be parsed.
     #[error(
         "{input:?} is not a message level; use one of debug, info, success, warning, error (or 10, 20, 25, 30, 40)"

@@ -48,6 +48,42 @@ pub(crate) fn check_user(user: &UserId) -> Result<()> {
     }
 }
 
+/// Checks a replace key: not empty, at most
+/// [`MessageStore::MAX_REPLACE_KEY_BYTES`](crate::MessageStore::MAX_REPLACE_KEY_BYTES).
+pub(crate) fn check_replace_key(key: &str) -> Result<()> {
+    if key.is_empty() {
+        return Err(Error::EmptyReplaceKey);
+    }
+    let limit = crate::MessageStore::MAX_REPLACE_KEY_BYTES;
+    if key.len() > limit {
+        return Err(Error::ReplaceKeyTooLong {
+            len: key.len(),
+            limit,
+        });
+    }
+    Ok(())
+}
+
+/// Checks an expiry duration: at least 1 ms, at most
+/// [`MessageStore::MAX_EXPIRY`](crate::MessageStore::MAX_EXPIRY).
+pub(crate) fn check_expiry(duration: std::time::Duration) -> Result<()> {
+    let limit = crate::MessageStore::MAX_EXPIRY;
+    let reason = if duration.is_zero() {
+        "a message that expires at once would never be shown"
+    } else if duration < std::time::Duration::from_millis(1) {
+        "expiry is kept to the millisecond"
+    } else if duration > limit {
+        "that is longer than any message should wait"
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidExpiry {
+        duration,
+        reason,
+        limit,
+    })
+}
+
 /// The length of a string user id as stored, or
 /// [`Error::UserIdTooLong`] above [`UserId::MAX_STR_BYTES`].
 pub(crate) fn str_id_len(name: &str) -> Result<u32> {

@@ -112,6 +112,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+mod clock;
 mod engine;
 mod error;
 mod fs;
@@ -122,6 +123,7 @@ mod key;
 #[cfg(feature = "axum")]
 mod layer;
 mod level;
+mod live;
 mod message;
 mod recipients;
 mod record;
@@ -129,13 +131,15 @@ mod spool;
 mod store;
 mod user;
 
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, Result};
 pub use hook::{Delivery, DeliveryMode, DrainPolicy, RequestHook, RequestKind};
 #[cfg(feature = "axum")]
 pub use layer::{Messages, MessagesLayer, MessagesService, MissingMessagesLayer};
 pub use level::Level;
+pub use live::Watch;
 pub use message::{BulkSend, Message, MessageId, Progress};
 pub use record::QuarantinedRecord;
 pub use spool::Spool;
-pub use store::{Builder, Durability, Lease, MessageStore, Stats};
+pub use store::{Builder, Draft, Durability, Lease, MessageStore, Stats};
 pub use user::UserId;

@@ -33,6 +33,8 @@ pub struct Message {
     pub(crate) id: MessageId,
     pub(crate) level: Level,
     pub(crate) sent_at_ms: u64,
+    pub(crate) expires_at_ms: Option<u64>,
+    pub(crate) replace_key: Option<String>,
     pub(crate) text: String,
 }
 
@@ -53,6 +55,21 @@ impl Message {
     #[must_use]
     pub fn sent_at(&self) -> SystemTime {
         UNIX_EPOCH + Duration::from_millis(self.sent_at_ms)
+    }
+
+    /// When the message expires, if it was sent with an expiry (see
+    /// [`Draft::expires_after`](crate::Draft::expires_after)).
+    #[must_use]
+    pub fn expires_at(&self) -> Option<SystemTime> {
+        self.expires_at_ms
+            .map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
+    }
+
+    /// The replace key it was sent with, if any (see
+    /// [`Draft::replace_key`](crate::Draft::replace_key)).
+    #[must_use]
+    pub fn replace_key(&self) -> Option<&str> {
+        self.replace_key.as_deref()
     }
 
     /// The id of the send that queued it.
@@ -117,9 +134,8 @@ pub struct Progress {
     pub committed: bool,
 }
 
+/// The system clock in milliseconds since the Unix epoch (for times that
+/// are not message times: quarantine entries, tokens).
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
+    crate::clock::millis(SystemTime::now())
 }

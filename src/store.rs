@@ -7,7 +7,9 @@ use std::time::Duration;
 use crate::engine::memory::MemoryEngine;
 use crate::engine::sled::{SledEngine, SledOptions};
 use crate::engine::{Common, Engine, LeaseState, Outgoing, Rules};
-use crate::message::{BulkSend, MessageId, Progress, now_ms};
+use crate::clock::{Clock, SystemClock};
+use crate::live::{Notifier, Watch};
+use crate::message::{BulkSend, MessageId, Progress};
 use crate::recipients::{Recipients, THRESHOLD};
 use crate::record::QuarantinedRecord;
 use crate::{Error, Level, Message, Result, UserId, key};
@@ -50,6 +52,8 @@ pub struct Builder {
     disk_reserve: u64,
     skip_fdatasync: bool,
     intake_pause: Duration,
+    default_expiry: Option<Duration>,
+    clock: Arc<dyn Clock>,
 }
 
 impl Default for Builder {
@@ -69,6 +73,8 @@ impl Default for Builder {
             disk_reserve: 8 << 20,
             skip_fdatasync: false,
             intake_pause: Duration::ZERO,
+            default_expiry: None,
+            clock: Arc::new(SystemClock),
         }
     }
 }
@@ -129,6 +135,34 @@ impl Builder {
     /// Default: 64 KiB. At most 16 MiB (larger values are lowered to that).
     pub fn max_message_bytes(mut self, bytes: usize) -> Self {
         self.max_message_bytes = bytes.min(MessageStore::MAX_MESSAGE_BYTES_LIMIT);
+        self
+    }
+
+    /// How long a message sent without an expiry of its own stays queued
+    /// when its user does not come back: plain sends
+    /// ([`message_user`](MessageStore::message_user), [`info`](MessageStore::info), …,
+    /// [`message_users`](MessageStore::message_users)), drafts without
+    /// [`Draft::expires_after`] or [`Draft::never_expires`], and spooled
+    /// sends without an expiry.
+    ///
+    /// Default: `None`, keeping every message until it is delivered. That
+    /// is the safe choice for the user's data: a message such as "the
+    /// import failed" must not vanish because its user was on holiday
+    /// (django-async-messages silently dropped everything after 300
+    /// seconds). Set it when your messages lose their point after a while.
+    ///
+    /// [`open`](Self::open) fails with [`Error::InvalidExpiry`] for a zero
+    /// duration or one over [`MessageStore::MAX_EXPIRY`].
+    pub fn default_expiry(mut self, expiry: Option<Duration>) -> Self {
+        self.default_expiry = expiry;
+        self
+    }
+
+    /// The wall clock for send times and expiry. Default: [`SystemClock`].
+    /// Tests pass a [`ManualClock`](crate::ManualClock) to expire messages
+    /// without waiting.
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
         self
     }
 
@@ -210,8 +244,11 @@ impl Builder {
     /// Redis server cannot be reached or the `redis` feature is off;
     /// [`Error::Storage`] for other failures.
     pub fn open(self) -> Result<MessageStore> {
+        if let Some(expiry) = self.default_expiry {
+            key::check_expiry(expiry)?;
+        }
         let common = self.common();
-        let rules = common.rules;
+        let store_common = common.clone();
         let engine: Arc<dyn Engine> = match (self.path, self.redis, self.in_memory) {
             (None, None, false) => return Err(Error::NoPath),
             (Some(path), None, false) => Arc::new(SledEngine::open(SledOptions {
@@ -243,7 +280,10 @@ impl Builder {
                 });
             }
         };
-        Ok(MessageStore { engine, rules })
+        Ok(MessageStore {
+            engine,
+            common: store_common,
+        })
     }
 }
 
@@ -254,7 +294,10 @@ impl Builder {
             rules: Rules {
                 min_level: self.min_level,
                 max_message_bytes: self.max_message_bytes,
+                default_expiry: self.default_expiry,
             },
+            clock: self.clock.clone(),
+            notifier: Arc::new(Notifier::default()),
         }
     }
 }
@@ -284,7 +327,7 @@ const BULK_CHUNK: u64 = 8192;
 #[derive(Clone)]
 pub struct MessageStore {
     engine: Arc<dyn Engine>,
-    rules: Rules,
+    common: Common,
 }
 
 impl std::fmt::Debug for MessageStore {
@@ -292,8 +335,9 @@ impl std::fmt::Debug for MessageStore {
         let mut debug = f.debug_struct("MessageStore");
         self.engine.describe(&mut debug);
         debug
-            .field("min_level", &self.rules.min_level)
-            .field("max_message_bytes", &self.rules.max_message_bytes)
+            .field("min_level", &self.common.rules.min_level)
+            .field("max_message_bytes", &self.common.rules.max_message_bytes)
+            .field("default_expiry", &self.common.rules.default_expiry)
             .finish_non_exhaustive()
     }
 }
@@ -303,6 +347,13 @@ impl MessageStore {
     pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 10;
     /// The largest value [`Builder::max_message_bytes`] accepts: 16 MiB.
     pub const MAX_MESSAGE_BYTES_LIMIT: usize = 16 << 20;
+    /// The longest replace key ([`Draft::replace_key`]): 256 bytes.
+    pub const MAX_REPLACE_KEY_BYTES: usize = 256;
+    /// The longest expiry ([`Draft::expires_after`],
+    /// [`Builder::default_expiry`]): 3,650 days. Longer ones are refused
+    /// with [`Error::InvalidExpiry`]: leave the expiry out to keep a
+    /// message until it is delivered.
+    pub const MAX_EXPIRY: Duration = Duration::from_secs(3650 * 24 * 3600);
 
     /// Opens the store at `path` with the default settings; the same as
     /// `MessageStore::builder().path(path).open()`.
@@ -328,8 +379,8 @@ impl MessageStore {
     pub fn in_memory() -> MessageStore {
         let common = Builder::default().common();
         MessageStore {
-            engine: Arc::new(MemoryEngine::new(common)),
-            rules: common.rules,
+            engine: Arc::new(MemoryEngine::new(common.clone())),
+            common,
         }
     }
 
@@ -356,13 +407,7 @@ impl MessageStore {
         text: impl Into<String>,
         level: Level,
     ) -> Result<Option<MessageId>> {
-        let text = text.into();
-        self.check_text(&text)?;
-        let user = checked(user.into())?;
-        if level < self.rules.min_level {
-            return Ok(None);
-        }
-        self.engine.send(&user, &outgoing(text, level)).map(Some)
+        self.compose(text, level).to_user(user)
     }
 
     /// Queues one message for every user in `users`, all or nothing: if any
@@ -398,49 +443,10 @@ impl MessageStore {
         users: impl IntoIterator<Item = U>,
         text: impl Into<String>,
         level: Level,
-        mut progress: impl FnMut(Progress),
+        progress: impl FnMut(Progress),
     ) -> Result<BulkSend> {
-        let text = text.into();
-        self.check_text(&text)?;
-        if level < self.rules.min_level {
-            return Ok(BulkSend::none());
-        }
-        let message = outgoing(text, level);
-        // Up to the threshold, a copy per recipient; above it, one record.
-        let mut users = users.into_iter().map(Into::into);
-        let first: Vec<UserId> = users.by_ref().take(THRESHOLD + 1).collect();
-        let sent = if first.len() > THRESHOLD {
-            let mut set = Recipients::default();
-            let mut read = 0_u64;
-            for user in first.into_iter().chain(users) {
-                key::check_user(&user)?;
-                set.push(user);
-                read += 1;
-                if read.is_multiple_of(BULK_CHUNK) {
-                    progress(Progress {
-                        written: read,
-                        committed: false,
-                    });
-                }
-            }
-            set.seal();
-            self.engine.send_bulk(set, &message)?
-        } else {
-            first.iter().try_for_each(key::check_user)?;
-            self.engine.send_few(&first, &message, &mut |written| {
-                progress(Progress {
-                    written,
-                    committed: false,
-                });
-            })?
-        };
-        if sent.id.is_some() {
-            progress(Progress {
-                written: sent.recipients,
-                committed: true,
-            });
-        }
-        Ok(sent)
+        self.compose(text, level)
+            .to_users_with_progress(users, progress)
     }
 
     /// Queues a [`Level::Debug`] message (dropped unless the minimum level is lowered).
@@ -633,8 +639,286 @@ impl MessageStore {
         self.engine.quarantined()
     }
 
+    /// Starts a message with more than a text and a level: an expiry, a
+    /// replace key, or everyone as its recipients. Nothing is sent until
+    /// the [`Draft`]'s `to_…` call.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use async_messages::{Level, MessageStore};
+    ///
+    /// let store = MessageStore::in_memory();
+    /// store
+    ///     .compose("Your report is ready", Level::Success)
+    ///     .expires_after(Duration::from_secs(3600))
+    ///     .replace_key("report:42")
+    ///     .to_user(7)?;
+    /// // The job ran again: the newer message replaces the queued one.
+    /// store
+    ///     .compose("Your report is ready (updated)", Level::Success)
+    ///     .replace_key("report:42")
+    ///     .to_user(7)?;
+    /// let shown = store.get_messages(7)?;
+    /// assert_eq!(shown.len(), 1);
+    /// assert_eq!(shown[0].text(), "Your report is ready (updated)");
+    ///
+    /// store
+    ///     .compose("Maintenance tonight from 22:00", Level::Warning)
+    ///     .expires_after(Duration::from_secs(12 * 3600))
+    ///     .to_everyone()?;
+    /// assert_eq!(store.get_messages("someone-new")?.len(), 1);
+    /// # Ok::<(), async_messages::Error>(())
+    /// ```
+    pub fn compose(&self, text: impl Into<String>, level: Level) -> Draft<'_> {
+        Draft {
+            store: self,
+            text: text.into(),
+            level,
+            expiry: Expiry::Default,
+            replace_key: None,
+        }
+    }
+
+    /// Waits for news of `user`'s queue, for live delivery (see [`Watch`];
+    /// with feature `axum`, [`LiveMessages`](crate::LiveMessages) turns it
+    /// into a server-sent event stream). On Redis the first watch subscribes
+    /// to the store's channel, so that sends from other processes wake it.
+    ///
+    /// # Errors
+    /// [`Error::UserIdTooLong`]; [`Error::Redis`] if the subscription fails.
+    pub fn watch(&self, user: impl Into<UserId>) -> Result<Watch> {
+        let prefix = key::user_prefix(&checked(user.into())?)?;
+        self.engine.start_live()?;
+        Ok(Watch::new(self.common.notifier.clone(), &prefix))
+    }
+
     fn check_text(&self, text: &str) -> Result<()> {
-        self.rules.check_text(text)
+        self.common.rules.check_text(text)
+    }
+
+    /// The message a draft stores, or `None` below the minimum level.
+    fn outgoing(&self, draft: Draft<'_>) -> Result<Option<Outgoing>> {
+        self.check_text(&draft.text)?;
+        if let Some(key) = &draft.replace_key {
+            key::check_replace_key(key)?;
+        }
+        let expiry = match draft.expiry {
+            Expiry::Default => self.common.rules.default_expiry,
+            Expiry::After(after) => {
+                key::check_expiry(after)?;
+                Some(after)
+            }
+            Expiry::Never => None,
+        };
+        if draft.level < self.common.rules.min_level {
+            return Ok(None);
+        }
+        let sent_at_ms = self.common.now_ms();
+        Ok(Some(Outgoing {
+            text: draft.text,
+            level: draft.level,
+            sent_at_ms,
+            expires_at_ms: expiry.map(|after| {
+                sent_at_ms.saturating_add(u64::try_from(after.as_millis()).unwrap_or(u64::MAX))
+            }),
+            replace_key: draft.replace_key,
+        }))
+    }
+}
+
+/// When a draft expires.
+#[derive(Debug, Clone, Copy)]
+enum Expiry {
+    /// The store's [`Builder::default_expiry`].
+    Default,
+    After(Duration),
+    Never,
+}
+
+/// A message being composed; made by [`MessageStore::compose`]. Nothing is
+/// stored until one of the `to_…` calls, which check everything first:
+/// on an error nothing is stored.
+#[must_use = "a draft sends nothing until .to_user(), .to_users() or .to_everyone()"]
+pub struct Draft<'a> {
+    store: &'a MessageStore,
+    text: String,
+    level: Level,
+    expiry: Expiry,
+    replace_key: Option<String>,
+}
+
+impl std::fmt::Debug for Draft<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Draft")
+            .field("text", &self.text)
+            .field("level", &self.level)
+            .field("expiry", &self.expiry)
+            .field("replace_key", &self.replace_key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Draft<'_> {
+    /// Drops the message, undelivered, once `after` has passed (measured
+    /// from the send, on the store's [`Clock`]). An expired message is
+    /// never delivered, peeked, counted or leased, and its space is
+    /// reclaimed in the background. Bulk sends and announcements expire as
+    /// a whole. From 1 ms to [`MessageStore::MAX_EXPIRY`]; anything else
+    /// is [`Error::InvalidExpiry`] at the send.
+    ///
+    /// Expiry times are wall-clock times: if the clock jumps forward,
+    /// messages expire early; if it is set back, they live longer. On
+    /// Redis each process judges by its own clock, so keep the servers'
+    /// clocks in sync (NTP).
+    pub fn expires_after(mut self, after: Duration) -> Self {
+        self.expiry = Expiry::After(after);
+        self
+    }
+
+    /// Keeps the message until it is delivered, whatever
+    /// [`Builder::default_expiry`] says.
+    pub fn never_expires(mut self) -> Self {
+        self.expiry = Expiry::Never;
+        self
+    }
+
+    /// A key naming what the message is about, such as `"report:42"`: in
+    /// each recipient's queue, this message replaces a queued one with the
+    /// same key, atomically with the send (the old one is never delivered;
+    /// the new one takes its turn at the end of the queue). Concurrent
+    /// sends with one key leave exactly one message. Keys are per user; a
+    /// bulk send or an announcement with a key replaces each recipient's
+    /// own older copy. Once a message is delivered its key is free again.
+    ///
+    /// A message taken by a [`Lease`] is not in the queue while leased: a
+    /// send with its key queues the new message beside it. If the lease
+    /// commits, the old message was shown and the new one follows on the
+    /// next read; if the lease is released (the page failed), the old one
+    /// comes back and is dropped in favour of the newer one still queued.
+    ///
+    /// Non-empty, at most [`MessageStore::MAX_REPLACE_KEY_BYTES`] bytes;
+    /// otherwise [`Error::EmptyReplaceKey`] or [`Error::ReplaceKeyTooLong`]
+    /// at the send.
+    pub fn replace_key(mut self, key: impl Into<String>) -> Self {
+        self.replace_key = Some(key.into());
+        self
+    }
+
+    /// Sends to one user. Returns the message's id, or `None` when the
+    /// level is below the store's minimum level (nothing is stored).
+    ///
+    /// # Errors
+    /// As for [`MessageStore::message_user`], plus
+    /// [`Error::EmptyReplaceKey`], [`Error::ReplaceKeyTooLong`] and
+    /// [`Error::InvalidExpiry`] before anything is written.
+    pub fn to_user(self, user: impl Into<UserId>) -> Result<Option<MessageId>> {
+        let store = self.store;
+        let user = user.into();
+        let message = store.outgoing(self)?;
+        let user = checked(user)?;
+        let Some(message) = message else {
+            return Ok(None);
+        };
+        let id = store.engine.send(&user, &message)?;
+        store.common.notifier.user(&user);
+        Ok(Some(id))
+    }
+
+    /// Sends to every user in `users`, all or nothing, stored once; see
+    /// [`MessageStore::message_users`].
+    ///
+    /// # Errors
+    /// As for [`to_user`](Self::to_user).
+    pub fn to_users<U: Into<UserId>>(
+        self,
+        users: impl IntoIterator<Item = U>,
+    ) -> Result<BulkSend> {
+        self.to_users_with_progress(users, |_| {})
+    }
+
+    /// [`to_users`](Self::to_users), calling `progress` as recipients are
+    /// written; see [`MessageStore::message_users_with_progress`].
+    ///
+    /// # Errors
+    /// As for [`to_user`](Self::to_user).
+    pub fn to_users_with_progress<U: Into<UserId>>(
+        self,
+        users: impl IntoIterator<Item = U>,
+        mut progress: impl FnMut(Progress),
+    ) -> Result<BulkSend> {
+        let store = self.store;
+        let Some(message) = store.outgoing(self)? else {
+            return Ok(BulkSend::none());
+        };
+        let engine = &store.engine;
+        // Up to the threshold, a copy per recipient; above it, one record.
+        let mut users = users.into_iter().map(Into::into);
+        let first: Vec<UserId> = users.by_ref().take(THRESHOLD + 1).collect();
+        let sent = if first.len() > THRESHOLD {
+            let mut set = Recipients::default();
+            let mut read = 0_u64;
+            for user in first.into_iter().chain(users) {
+                key::check_user(&user)?;
+                set.push(user);
+                read += 1;
+                if read.is_multiple_of(BULK_CHUNK) {
+                    progress(Progress {
+                        written: read,
+                        committed: false,
+                    });
+                }
+            }
+            set.seal();
+            let sent = engine.send_bulk(set, &message)?;
+            store.common.notifier.everyone();
+            sent
+        } else {
+            first.iter().try_for_each(key::check_user)?;
+            let sent = engine.send_few(&first, &message, &mut |written| {
+                progress(Progress {
+                    written,
+                    committed: false,
+                });
+            })?;
+            for user in &first {
+                store.common.notifier.user(user);
+            }
+            sent
+        };
+        if sent.id.is_some() {
+            progress(Progress {
+                written: sent.recipients,
+                committed: true,
+            });
+        }
+        Ok(sent)
+    }
+
+    /// Sends an announcement to every user: each user who reads their
+    /// queue before it expires gets it once, in send order with their
+    /// other messages, users the store has never seen included. It is
+    /// stored once, however many users there are, and survives restarts
+    /// (a user who got it does not get it again). Requests without a user
+    /// get nothing. Without an expiry it stays until the store is deleted,
+    /// waiting for users who have not come yet: give announcements an
+    /// expiry.
+    ///
+    /// # Errors
+    /// [`Error::BelowMinimumLevel`] when the level is below the store's
+    /// minimum (an announcement must reach people); otherwise as for
+    /// [`to_user`](Self::to_user).
+    pub fn to_everyone(self) -> Result<MessageId> {
+        let store = self.store;
+        let level = self.level;
+        let Some(message) = store.outgoing(self)? else {
+            return Err(Error::BelowMinimumLevel {
+                level,
+                minimum: store.common.rules.min_level,
+            });
+        };
+        let id = store.engine.send_everyone(&message)?;
+        store.common.notifier.everyone();
+        Ok(id)
     }
 }
 
@@ -711,12 +995,4 @@ impl Drop for Lease {
 fn checked(user: UserId) -> Result<UserId> {
     key::check_user(&user)?;
     Ok(user)
-}
-
-fn outgoing(text: String, level: Level) -> Outgoing {
-    Outgoing {
-        text,
-        level,
-        sent_at_ms: now_ms(),
-    }
 }

@@ -237,14 +237,14 @@ fn a_store_of_a_newer_format_version_is_refused_and_kept() -> Result<()> {
             .expect("insert");
         db.flush().expect("flush");
     };
-    set_format(2);
+    set_format(3);
     let error = dir.open().unwrap_err();
     assert!(
         matches!(
             error,
             Error::UnsupportedFormat {
-                found: 2,
-                supported: 1,
+                found: 3,
+                supported: 2,
                 ..
             }
         ),
@@ -264,11 +264,23 @@ fn a_store_of_a_newer_format_version_is_refused_and_kept() -> Result<()> {
                 .get("format")
                 .expect("get")
                 .as_deref(),
-            Some(&[2_u8][..])
+            Some(&[3_u8][..])
         );
     }
+    // A store of the older format 1 opens, and its marker moves up to 2,
+    // so that a release reading only format 1 refuses it from then on.
     set_format(1);
-    assert_kept(&dir.open()?)
+    assert_kept(&dir.open()?)?;
+    assert_eq!(
+        raw_db(&dir.store_path())
+            .open_tree("meta")
+            .expect("meta")
+            .get("format")
+            .expect("get")
+            .as_deref(),
+        Some(&[2_u8][..])
+    );
+    Ok(())
 }
 
 // --------------------------------------------------- mounted file systems

@@ -293,7 +293,7 @@ fn damaged_records_long() -> Result<()> {
 fn a_damaged_format_marker_is_a_typed_error() -> Result<()> {
     let dir = TestDir::new();
     let expected = build_store(&dir)?;
-    for bad in [&[][..], &[0][..], &[2][..], &[1, 1][..], &[0xff; 40][..]] {
+    for bad in [&[][..], &[0][..], &[3][..], &[1, 1][..], &[0xff; 40][..]] {
         {
             let db = raw_db(&dir.store_path());
             db.open_tree("meta")
@@ -304,8 +304,8 @@ fn a_damaged_format_marker_is_a_typed_error() -> Result<()> {
         }
         let result = dir.open();
         match bad {
-            [2] => assert!(
-                matches!(result, Err(Error::UnsupportedFormat { found: 2, .. })),
+            [3] => assert!(
+                matches!(result, Err(Error::UnsupportedFormat { found: 3, .. })),
                 "{result:?}"
             ),
             _ => assert!(

@@ -1,17 +1,20 @@
 //! The in-memory engine: every promise of the others except surviving the
 //! handle. One mutex guards everything, which makes each operation atomic
 //! and is plenty for tests. A send to many users stores its text once and
-//! a reference per recipient.
+//! a reference per recipient; an announcement is copied into a user's
+//! queue (under its own id) the first time that user's queue is read.
+//! A background thread drops expired messages every
+//! [`REAP_EVERY`](super::REAP_EVERY).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use parking_lot::Mutex;
 
-use super::{Common, EmptyLease, Engine, LeaseState, Outgoing};
+use super::{Common, EmptyLease, Engine, LeaseState, Outgoing, shown};
 use crate::message::{BulkSend, MessageId};
 use crate::recipients::Recipients;
 use crate::record::QuarantinedRecord;
@@ -28,6 +31,14 @@ struct State {
     last_lease: u64,
     /// Each user's messages by id (send order); users without any are absent.
     queues: HashMap<UserId, BTreeMap<u64, Entry>>,
+    /// Live announcements by id, with the users who have them in their
+    /// queue already (or had, and took them).
+    announcements: BTreeMap<u64, Announcement>,
+}
+
+struct Announcement {
+    body: Arc<Outgoing>,
+    reached: HashSet<UserId>,
 }
 
 struct Entry {
@@ -38,12 +49,7 @@ struct Entry {
 
 impl Entry {
     fn message(&self, id: u64) -> Message {
-        Message {
-            id: MessageId(id),
-            level: self.body.level,
-            sent_at_ms: self.body.sent_at_ms,
-            text: self.body.text.clone(),
-        }
+        self.body.message(id)
     }
 
     fn is_leased(&self, now: Instant) -> bool {
@@ -51,12 +57,40 @@ impl Entry {
     }
 }
 
+impl State {
+    /// Copies the live announcements `user` has not had into their queue.
+    fn reach(&mut self, user: &UserId, now_ms: u64) {
+        let mut new = Vec::new();
+        for (id, announcement) in &mut self.announcements {
+            if !announcement.body.expired(now_ms) && announcement.reached.insert(user.clone()) {
+                new.push((*id, announcement.body.clone()));
+            }
+        }
+        if !new.is_empty() {
+            let queue = self.queues.entry(user.clone()).or_default();
+            for (id, body) in new {
+                queue.insert(id, Entry { body, lease: None });
+            }
+        }
+    }
+
+    /// Drops expired messages that are not leased, and expired announcements.
+    fn reap(&mut self, now_ms: u64) {
+        let now = Instant::now();
+        self.queues.retain(|_, queue| {
+            queue.retain(|_, entry| entry.is_leased(now) || !entry.body.expired(now_ms));
+            !queue.is_empty()
+        });
+        self.announcements
+            .retain(|_, announcement| !announcement.body.expired(now_ms));
+    }
+}
+
 impl MemoryEngine {
     pub(crate) fn new(common: Common) -> MemoryEngine {
-        MemoryEngine {
-            state: Arc::new(Mutex::new(State::default())),
-            common,
-        }
+        let state = Arc::new(Mutex::new(State::default()));
+        start_reaper(Arc::downgrade(&state), common.clone());
+        MemoryEngine { state, common }
     }
 
     /// Queues `message` for each user under one id; returns how many got it.
@@ -67,13 +101,24 @@ impl MemoryEngine {
         let mut recipients = 0;
         for user in users {
             let queue = state.queues.entry(user).or_default();
-            if let std::collections::btree_map::Entry::Vacant(slot) = queue.entry(id) {
-                slot.insert(Entry {
+            if queue.contains_key(&id) {
+                continue;
+            }
+            if let Some(key) = &message.replace_key {
+                // Replaced: queued messages with the key go (leased ones
+                // stay with their lease; see `Draft::replace_key`).
+                queue.retain(|_, entry| {
+                    entry.lease.is_some() || entry.body.replace_key.as_ref() != Some(key)
+                });
+            }
+            queue.insert(
+                id,
+                Entry {
                     body: body.clone(),
                     lease: None,
-                });
-                recipients += 1;
-            }
+                },
+            );
+            recipients += 1;
         }
         if recipients == 0 {
             return BulkSend::none();
@@ -83,6 +128,26 @@ impl MemoryEngine {
             id: Some(MessageId(id)),
             recipients,
         }
+    }
+}
+
+/// Reaps every [`REAP_EVERY`](super::REAP_EVERY) until the engine is dropped.
+fn start_reaper(state: Weak<Mutex<State>>, common: Common) {
+    let spawned = std::thread::Builder::new()
+        .name("async-messages-memory-reaper".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(super::REAP_EVERY);
+                let Some(state) = state.upgrade() else {
+                    return;
+                };
+                state.lock().reap(common.now_ms());
+            }
+        });
+    if let Err(error) = spawned {
+        // Expired messages are still never shown; they are dropped by the
+        // reads that meet them instead.
+        tracing::warn!(%error, "could not start the in-memory store's reaper thread");
     }
 }
 
@@ -118,9 +183,25 @@ impl Engine for MemoryEngine {
         Ok(self.send_to(users.users(), message))
     }
 
+    fn send_everyone(&self, message: &Outgoing) -> Result<MessageId> {
+        let mut state = self.state.lock();
+        state.last_id += 1;
+        let id = state.last_id;
+        state.announcements.insert(
+            id,
+            Announcement {
+                body: Arc::new(message.clone()),
+                reached: HashSet::new(),
+            },
+        );
+        Ok(MessageId(id))
+    }
+
     fn drain(&self, user: &UserId) -> Result<Vec<Message>> {
         let now = Instant::now();
+        let now_ms = self.common.now_ms();
         let mut state = self.state.lock();
+        state.reach(user, now_ms);
         let Some(queue) = state.queues.get_mut(user) else {
             return Ok(Vec::new());
         };
@@ -129,31 +210,51 @@ impl Engine for MemoryEngine {
             .filter(|(_, entry)| !entry.is_leased(now))
             .map(|(id, _)| *id)
             .collect();
-        let messages = taken
+        let messages: Vec<Message> = taken
             .iter()
             .filter_map(|id| queue.remove(id).map(|entry| entry.message(*id)))
             .collect();
         if queue.is_empty() {
             state.queues.remove(user);
         }
-        Ok(messages)
+        let shown = shown(&messages, now_ms);
+        Ok(messages
+            .into_iter()
+            .zip(shown)
+            .filter_map(|(message, shown)| shown.then_some(message))
+            .collect())
     }
 
     fn may_have(&self, user: &UserId) -> bool {
-        self.state.lock().queues.contains_key(user)
+        let state = self.state.lock();
+        state.queues.contains_key(user)
+            || state
+                .announcements
+                .values()
+                .any(|announcement| !announcement.reached.contains(user))
     }
 
     fn peek(&self, user: &UserId) -> Result<Vec<Message>> {
-        let state = self.state.lock();
-        Ok(state.queues.get(user).map_or_else(Vec::new, |queue| {
+        let now_ms = self.common.now_ms();
+        let mut state = self.state.lock();
+        state.reach(user, now_ms);
+        let messages: Vec<Message> = state.queues.get(user).map_or_else(Vec::new, |queue| {
             queue.iter().map(|(id, entry)| entry.message(*id)).collect()
-        }))
+        });
+        let shown = shown(&messages, now_ms);
+        Ok(messages
+            .into_iter()
+            .zip(shown)
+            .filter_map(|(message, shown)| shown.then_some(message))
+            .collect())
     }
 
     fn lease(&self, user: &UserId) -> Result<Box<dyn LeaseState>> {
         let now = Instant::now();
+        let now_ms = self.common.now_ms();
         let deadline = now + self.common.lease_timeout;
         let mut state = self.state.lock();
+        state.reach(user, now_ms);
         state.last_lease += 1;
         let number = state.last_lease;
         let Some(queue) = state.queues.get_mut(user) else {
@@ -169,9 +270,17 @@ impl Engine for MemoryEngine {
         if ids.is_empty() {
             return Ok(Box::new(EmptyLease));
         }
+        // Expired and replaced ones are taken too, unshown: the commit
+        // removes them with the rest.
+        let shown = shown(&messages, now_ms);
+        let messages = messages
+            .into_iter()
+            .zip(shown)
+            .filter_map(|(message, shown)| shown.then_some(message))
+            .collect();
         Ok(Box::new(MemoryLease {
             state: self.state.clone(),
-            common: self.common,
+            common: self.common.clone(),
             user: user.clone(),
             number,
             deadline,
@@ -239,6 +348,11 @@ impl MemoryLease {
         }
         if queue.is_empty() {
             state.queues.remove(&self.user);
+        }
+        drop(state);
+        if !remove {
+            // Back in the queue: an open page may take them now.
+            self.common.notifier.user(&self.user);
         }
         remove
     }

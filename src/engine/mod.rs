@@ -21,8 +21,11 @@
 
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::clock::Clock;
+use crate::live::Notifier;
 use crate::message::{BulkSend, MessageId};
 use crate::recipients::Recipients;
 use crate::record::QuarantinedRecord;
@@ -34,21 +37,86 @@ pub(crate) mod redis;
 pub(crate) mod sled;
 
 /// A message to store, already checked against the store's rules.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Outgoing {
     pub(crate) text: String,
     pub(crate) level: Level,
     pub(crate) sent_at_ms: u64,
+    /// Milliseconds since the Unix epoch (the store's clock); `None` keeps
+    /// it until delivered.
+    pub(crate) expires_at_ms: Option<u64>,
+    /// A newer message with the same key replaces this one in its
+    /// recipient's queue.
+    pub(crate) replace_key: Option<String>,
 }
 
+impl Outgoing {
+    /// The message as delivered under `id`.
+    pub(crate) fn message(&self, id: u64) -> Message {
+        self.clone().into_message(id)
+    }
+
+    pub(crate) fn into_message(self, id: u64) -> Message {
+        Message {
+            id: MessageId(id),
+            level: self.level,
+            sent_at_ms: self.sent_at_ms,
+            expires_at_ms: self.expires_at_ms,
+            replace_key: self.replace_key,
+            text: self.text,
+        }
+    }
+
+    /// Whether it has expired at `now_ms`.
+    pub(crate) fn expired(&self, now_ms: u64) -> bool {
+        self.expires_at_ms.is_some_and(|at| at <= now_ms)
+    }
+}
+
+/// Which of a user's messages, in send order, are still to be shown at
+/// `now_ms`: those not expired and not replaced by a later one with the
+/// same replace key (a later one replaces an earlier one even once it has
+/// expired itself). Every engine filters its reads through this, so that
+/// they agree; a drain or a lease's commit removes the others unshown.
+pub(crate) fn shown(messages: &[Message], now_ms: u64) -> Vec<bool> {
+    let mut shown = vec![true; messages.len()];
+    let mut keys: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    for (i, message) in messages.iter().enumerate().rev() {
+        if let Some(key) = message.replace_key.as_deref()
+            && !keys.insert(key)
+        {
+            shown[i] = false;
+        }
+        if message.expires_at_ms.is_some_and(|at| at <= now_ms) {
+            shown[i] = false;
+        }
+    }
+    shown
+}
+
+/// How often engines drop expired messages in the background (reads never
+/// show them, whenever they are dropped).
+pub(crate) const REAP_EVERY: Duration = Duration::from_secs(1);
+
 /// Settings every engine takes.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Common {
     /// How long a lease may stay uncommitted before its messages return.
     pub(crate) lease_timeout: Duration,
     /// The store's rules, for messages that reach an engine without going
     /// through `MessageStore` (spooled ones).
     pub(crate) rules: Rules,
+    /// The wall clock for expiry and send times.
+    pub(crate) clock: Arc<dyn Clock>,
+    /// Wakes the store's watchers (live delivery).
+    pub(crate) notifier: Arc<Notifier>,
+}
+
+impl Common {
+    /// The clock's time in milliseconds since the Unix epoch.
+    pub(crate) fn now_ms(&self) -> u64 {
+        crate::clock::now_ms(&*self.clock)
+    }
 }
 
 /// The rules every engine shares, checked before a send reaches it.
@@ -56,6 +124,8 @@ pub(crate) struct Common {
 pub(crate) struct Rules {
     pub(crate) min_level: Level,
     pub(crate) max_message_bytes: usize,
+    /// The expiry of sends that do not choose one.
+    pub(crate) default_expiry: Option<Duration>,
 }
 
 impl Rules {
@@ -82,6 +152,7 @@ impl Default for Rules {
         Rules {
             min_level: Level::Info,
             max_message_bytes: crate::MessageStore::DEFAULT_MAX_MESSAGE_BYTES,
+            default_expiry: None,
         }
     }
 }
@@ -112,8 +183,23 @@ pub(crate) trait Engine: Send + Sync + 'static {
     /// Queues a message for a large set of users, stored once, all or nothing.
     fn send_bulk(&self, users: Recipients, message: &Outgoing) -> Result<BulkSend>;
 
+    /// Queues an announcement: one record that every user who reads their
+    /// queue before it expires takes once, users never seen before
+    /// included, in send order with their other messages.
+    fn send_everyone(&self, message: &Outgoing) -> Result<MessageId>;
+
+    /// Makes sure that sends by other processes wake this process's
+    /// watchers (Redis: subscribes to the store's channel). Called when the
+    /// first [`Watch`](crate::Watch) is made.
+    fn start_live(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Returns the user's queued, unleased messages in send order and
-    /// removes them, atomically.
+    /// removes them, atomically. Expired and replaced messages (see
+    /// [`shown`]) are removed too, without being returned; the same holds
+    /// for `peek` (not returned) and `lease` (taken, not returned, and
+    /// removed by the commit).
     fn drain(&self, user: &UserId) -> Result<Vec<Message>>;
 
     /// `false` only when the user certainly has nothing queued.

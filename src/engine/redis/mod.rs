@@ -72,9 +72,8 @@ struct BulkCache {
 type Candidates = Vec<(String, Arc<CachedBulk>)>;
 
 struct CachedBulk {
-    level: crate::Level,
-    sent_at_ms: u64,
-    text: String,
+    message: Outgoing,
+    everyone: bool,
     recipients: Recipients,
 }
 
@@ -260,9 +259,8 @@ impl Shared {
                 Ok(bulk) => fetched.push((
                     id,
                     Arc::new(CachedBulk {
-                        level: bulk.level,
-                        sent_at_ms: bulk.sent_at_ms,
-                        text: bulk.text,
+                        message: bulk.message,
+                        everyone: bulk.everyone,
                         recipients: bulk.recipients,
                     }),
                 )),
@@ -356,18 +354,9 @@ impl Shared {
                 continue;
             };
             match record::decode_record(&value) {
-                Ok(Record::Inline {
-                    level,
-                    sent_at_ms,
-                    text,
-                }) => {
+                Ok(Record::Inline(message)) => {
                     lease.entries.push((field(id), 0));
-                    lease.messages.push(Message {
-                        id: MessageId(id),
-                        level,
-                        sent_at_ms,
-                        text,
-                    });
+                    lease.messages.push(message.into_message(id));
                 }
                 Ok(_) => {
                     damaged.get_or_insert((f, value, "not a message record".to_owned()));
@@ -383,12 +372,7 @@ impl Shared {
             };
             let id = parse_field(f.as_bytes()).unwrap_or_default();
             lease.entries.push((f, bulk.recipients.len()));
-            lease.messages.push(Message {
-                id: MessageId(id),
-                level: bulk.level,
-                sent_at_ms: bulk.sent_at_ms,
-                text: bulk.text.clone(),
-            });
+            lease.messages.push(bulk.message.message(id));
         }
         if let Some((f, value, reason)) = damaged {
             // As on sled: the damaged record goes to quarantine, nothing is
@@ -476,7 +460,7 @@ impl Engine for RedisEngine {
             return Ok(BulkSend::none());
         }
         let shared = &self.shared;
-        let value = record::encode_inline(message.level, message.sent_at_ms, &message.text);
+        let value = record::encode_inline(message);
         let mut call = shared.scripts.send.prepare_invoke();
         call.key(shared.key("id", b""))
             .key(shared.key("sent", shared.tokens.next().as_bytes()));
@@ -494,7 +478,7 @@ impl Engine for RedisEngine {
 
     fn send_bulk(&self, users: Recipients, message: &Outgoing) -> Result<BulkSend> {
         let shared = &self.shared;
-        let value = record::encode_bulk(message.level, message.sent_at_ms, &message.text, &users);
+        let value = record::encode_bulk(message, false, &users);
         let (id_key, bulks) = (shared.key("id", b""), shared.key("bulks", b""));
         let sent = shared.key("sent", shared.tokens.next().as_bytes());
         let id: u64 = shared.pool.run(|con| {
@@ -514,9 +498,8 @@ impl Engine for RedisEngine {
         shared.bulks.lock().bulks.insert(
             id,
             Arc::new(CachedBulk {
-                level: message.level,
-                sent_at_ms: message.sent_at_ms,
-                text: message.text.clone(),
+                message: message.clone(),
+                everyone: false,
                 recipients: users,
             }),
         );
@@ -524,6 +507,10 @@ impl Engine for RedisEngine {
             id: Some(MessageId(id)),
             recipients,
         })
+    }
+
+    fn send_everyone(&self, _message: &Outgoing) -> Result<MessageId> {
+        Err(self.shared.unexpected(&Value::Nil))
     }
 
     fn drain(&self, user: &UserId) -> Result<Vec<Message>> {
@@ -568,12 +555,7 @@ impl Engine for RedisEngine {
                 .find(|(c, _)| c == f)
                 .map(|(_, bulk)| bulk.clone())
                 .or_else(|| shared.bulks.lock().bulks.get(&id).cloned())?;
-            Some(Message {
-                id: MessageId(id),
-                level: bulk.level,
-                sent_at_ms: bulk.sent_at_ms,
-                text: bulk.text.clone(),
-            })
+            Some(bulk.message.message(id))
         };
         let mut messages = Vec::new();
         let records = queued.into_iter().map(|(f, v)| (f, v, &q)).chain(
@@ -594,16 +576,7 @@ impl Engine for RedisEngine {
             let decoded = match parse_field(&f) {
                 None => Err("the field is not a message id".to_owned()),
                 Some(id) => match record::decode_record(&value) {
-                    Ok(Record::Inline {
-                        level,
-                        sent_at_ms,
-                        text,
-                    }) => Ok(Message {
-                        id: MessageId(id),
-                        level,
-                        sent_at_ms,
-                        text,
-                    }),
+                    Ok(Record::Inline(message)) => Ok(message.into_message(id)),
                     Ok(_) => Err("not a message record".to_owned()),
                     Err(reason) => Err(reason),
                 },

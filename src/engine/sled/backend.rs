@@ -147,7 +147,17 @@ impl Backend {
                 Ok(())
             }
             Some(bytes) => match record::decode_format(&bytes) {
-                Some(found) if found <= FORMAT_VERSION && found > 0 => Ok(()),
+                Some(found) if found == FORMAT_VERSION => Ok(()),
+                // An older store: this release writes records the older
+                // one cannot read, so the marker moves up first, and the
+                // older release then refuses the store instead of taking
+                // new records for damage.
+                Some(found) if found < FORMAT_VERSION && found > 0 => {
+                    meta.insert(FORMAT_KEY, &[FORMAT_VERSION])
+                        .map_err(|e| self.err(e))?;
+                    meta.flush().map_err(|e| self.err(e))?;
+                    Ok(())
+                }
                 Some(found) => Err(Error::UnsupportedFormat {
                     path: self.path.clone(),
                     found,

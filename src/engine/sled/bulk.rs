@@ -27,7 +27,8 @@ use parking_lot::{Mutex, RwLock};
 
 use super::backend::Backend;
 use crate::recipients::Recipients;
-use crate::{Level, Result, UserId};
+use crate::engine::Outgoing;
+use crate::{Result, UserId};
 
 /// Fold a record once this many recipients have taken it since the last fold
 /// (and at least half of those still listed), or when all have.
@@ -37,9 +38,10 @@ const FOLD_MIN: u64 = 4096;
 #[derive(Debug)]
 pub(crate) struct Bulk {
     pub(crate) id: u64,
-    pub(crate) level: Level,
-    pub(crate) sent_at_ms: u64,
-    pub(crate) text: String,
+    pub(crate) message: Outgoing,
+    /// An announcement: `recipients` are the users who took it (folded),
+    /// and every other user is listed.
+    pub(crate) everyone: bool,
     /// Users still listed in the stored record (swapped by a fold).
     recipients: RwLock<Arc<Recipients>>,
     /// Listed users who have not taken it.
@@ -51,16 +53,14 @@ pub(crate) struct Bulk {
 impl Bulk {
     pub(crate) fn new(
         id: u64,
-        level: Level,
-        sent_at_ms: u64,
-        text: String,
+        message: Outgoing,
+        everyone: bool,
         recipients: Recipients,
     ) -> Bulk {
         Bulk {
             id,
-            level,
-            sent_at_ms,
-            text,
+            message,
+            everyone,
             remaining: AtomicU64::new(recipients.len()),
             recipients: RwLock::new(Arc::new(recipients)),
             taken: Mutex::new(Recipients::default()),
@@ -224,7 +224,7 @@ fn fold(backend: &Backend, bulks: &BulkList, id: u64) -> Result<()> {
         bulks.remove(id);
         backend.remove_bulk(id)
     } else {
-        let value = crate::record::encode_bulk(bulk.level, bulk.sent_at_ms, &bulk.text, &left);
+        let value = crate::record::encode_bulk(&bulk.message, bulk.everyone, &left);
         backend
             .insert_bulk(id, &value)
             .map(|()| bulk.replace_recipients(left))

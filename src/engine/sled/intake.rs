@@ -17,6 +17,7 @@ use notify::{RecursiveMode, Watcher};
 
 use super::bulk::Bulk;
 use super::{Inner, STRIPES, sync_dir};
+use crate::engine::Outgoing;
 use crate::recipients::{Recipients, THRESHOLD};
 use crate::spool::format::{Dirs, Entry, read_trusted};
 use crate::{Error, Level, Result, UserId, key, record};
@@ -168,32 +169,39 @@ impl Inner {
         if let Err(error) = checked {
             return Ok(Outcome::Rejected(error.to_string()));
         }
+        // Spooled sends carry no expiry yet: the store's default applies.
+        let expires_at_ms = rules.default_expiry.map(|after| {
+            entry
+                .sent_at_ms
+                .saturating_add(u64::try_from(after.as_millis()).unwrap_or(u64::MAX))
+        });
+        let message = Outgoing {
+            text: entry.text,
+            level,
+            sent_at_ms: entry.sent_at_ms,
+            expires_at_ms,
+            replace_key: None,
+        };
         self.backend.check_space()?;
         if users.len() <= THRESHOLD {
             let prefixes = users
                 .iter()
                 .map(key::user_prefix)
                 .collect::<Result<Vec<_>>>()?;
-            self.store_spooled_records(name, level, entry.sent_at_ms, &entry.text, &prefixes)?;
+            self.store_spooled_records(name, &message, &prefixes)?;
         } else {
             let mut set = Recipients::default();
             for user in users {
                 set.push(user);
             }
             set.seal();
-            let value = record::encode_bulk(level, entry.sent_at_ms, &entry.text, &set);
+            let value = record::encode_bulk(&message, false, &set);
             let _commit = self.bulks.commit.lock();
             let id = self.backend.next_id()?;
             self.backend
                 .insert_spooled(&[], Some((id, &value)), name.as_bytes())?;
             self.count_recipients(&set, true);
-            self.bulks.push(Arc::new(Bulk::new(
-                id,
-                level,
-                entry.sent_at_ms,
-                entry.text,
-                set,
-            )));
+            self.bulks.push(Arc::new(Bulk::new(id, message, false, set)));
         }
         // Durable before the file goes.
         self.commit()?;
@@ -205,13 +213,11 @@ impl Inner {
     fn store_spooled_records(
         &self,
         name: &str,
-        level: Level,
-        sent_at_ms: u64,
-        text: &str,
+        message: &Outgoing,
         prefixes: &[Vec<u8>],
     ) -> Result<()> {
         let id = self.backend.next_id()?;
-        let value = record::encode_inline(level, sent_at_ms, text);
+        let value = record::encode_inline(message);
         let records: Vec<(Vec<u8>, Vec<u8>)> = prefixes
             .iter()
             .map(|prefix| (key::message_key(prefix, id), value.clone()))

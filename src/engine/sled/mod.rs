@@ -255,7 +255,7 @@ impl Engine for SledEngine {
         let key = key::message_key(&prefix, id);
         let slot = inner.index.slot(&prefix);
         inner.index.add(slot, 1);
-        let value = record::encode_inline(message.level, message.sent_at_ms, &message.text);
+        let value = record::encode_inline(message);
         if let Err(error) = inner.insert_locked(slot, &key, &value) {
             inner.index.sub(slot, 1);
             return Err(error);
@@ -288,7 +288,7 @@ impl Engine for SledEngine {
             }
             inner.refs.lock().insert(id, recipients);
             // The commit point: recipients' records are visible from here on.
-            let text = record::encode_text(message.level, message.sent_at_ms, &message.text);
+            let text = record::encode_text(message);
             inner.backend.insert_text(id, &text).map(|()| recipients)
         });
         // Visible (or, after a failure, orphaned: skipped and cleaned up by
@@ -318,6 +318,13 @@ impl Engine for SledEngine {
 
     fn send_bulk(&self, users: Recipients, message: &Outgoing) -> Result<BulkSend> {
         self.inner.send_bulk_record(users, message)
+    }
+
+    fn send_everyone(&self, _message: &Outgoing) -> Result<MessageId> {
+        Err(Error::Storage {
+            path: self.inner.backend.path().to_path_buf(),
+            source: "announcements are not written on sled yet".into(),
+        })
     }
 
     fn drain(&self, user: &UserId) -> Result<Vec<Message>> {
@@ -506,12 +513,7 @@ impl Inner {
     /// sequence number and becomes visible under the bulk commit lock.
     fn send_bulk_record(&self, set: Recipients, message: &Outgoing) -> Result<BulkSend> {
         self.backend.check_space()?;
-        let Outgoing {
-            text,
-            level,
-            sent_at_ms,
-        } = message.clone();
-        let value = record::encode_bulk(level, sent_at_ms, &text, &set);
+        let value = record::encode_bulk(message, false, &set);
         let recipients = set.len();
         let bulk = {
             let _commit = self.bulks.commit.lock();
@@ -519,7 +521,7 @@ impl Inner {
             self.backend.insert_bulk(id, &value)?;
             // Counted before it becomes visible (the index's invariant).
             self.count_recipients(&set, true);
-            let bulk = Arc::new(Bulk::new(id, level, sent_at_ms, text, set));
+            let bulk = Arc::new(Bulk::new(id, message.clone(), false, set));
             self.bulks.push(bulk.clone());
             bulk
         };
@@ -632,16 +634,7 @@ impl Inner {
             };
             let message = match record::decode_record(&value) {
                 Err(reason) => return Err(self.quarantine(slot, "messages", &key, &value, &reason)),
-                Ok(Record::Inline {
-                    level,
-                    sent_at_ms,
-                    text,
-                }) => Message {
-                    id: MessageId(seq),
-                    level,
-                    sent_at_ms,
-                    text,
-                },
+                Ok(Record::Inline(message)) => message.into_message(seq),
                 Ok(Record::Taken { .. }) => {
                     taken.push(seq);
                     continue;
@@ -659,12 +652,7 @@ impl Inner {
                     match record::decode_text(&bytes) {
                         Ok(text) => {
                             collected.shared.push(seq);
-                            Message {
-                                id: MessageId(seq),
-                                level: text.level,
-                                sent_at_ms: text.sent_at_ms,
-                                text: text.text,
-                            }
+                            text.into_message(seq)
                         }
                         Err(reason) => {
                             self.refs.lock().remove(&seq);
@@ -696,12 +684,7 @@ impl Inner {
                 if any_leased && is_leased(&mark) {
                     continue;
                 }
-                collected.messages.push(Message {
-                    id: MessageId(bulk.id),
-                    level: bulk.level,
-                    sent_at_ms: bulk.sent_at_ms,
-                    text: bulk.text.clone(),
-                });
+                collected.messages.push(bulk.message.message(bulk.id));
                 collected.bulks.push((bulk.clone(), mark));
             }
             if !collected.bulks.is_empty() {
@@ -880,9 +863,8 @@ impl Inner {
                     self.count_recipients(&bulk.recipients, true);
                     self.bulks.push(Arc::new(Bulk::new(
                         id,
-                        bulk.level,
-                        bulk.sent_at_ms,
-                        bulk.text,
+                        bulk.message,
+                        bulk.everyone,
                         bulk.recipients,
                     )));
                 }
