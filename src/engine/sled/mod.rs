@@ -110,6 +110,8 @@ impl SledEngine {
             lease_numbers: AtomicU64::new(1),
             lease_timeout: options.common.lease_timeout,
             rules: options.common.rules,
+            clock: options.common.clock.clone(),
+            notifier: options.common.notifier.clone(),
             intake_pause: options.intake_pause,
             inflight: Mutex::new(HashSet::new()),
             refs: Mutex::new(HashMap::new()),
@@ -176,6 +178,10 @@ struct Inner {
     lease_timeout: Duration,
     /// For spooled sends, which reach the engine directly.
     rules: Rules,
+    /// The store's wall clock, for expiry.
+    clock: Arc<dyn crate::Clock>,
+    /// Wakes watchers: messages back from a released lease, spooled sends.
+    notifier: Arc<crate::live::Notifier>,
     /// Test-only: a pause between storing a spooled send and removing its file.
     intake_pause: Duration,
     /// Bulk sends being written: their records are not visible yet.
