@@ -26,8 +26,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::{Mutex, RwLock};
 
 use super::backend::Backend;
-use crate::recipients::Recipients;
 use crate::engine::Outgoing;
+use crate::recipients::Recipients;
 use crate::{Result, UserId};
 
 /// Fold a record once this many recipients have taken it since the last fold
@@ -51,12 +51,7 @@ pub(crate) struct Bulk {
 }
 
 impl Bulk {
-    pub(crate) fn new(
-        id: u64,
-        message: Outgoing,
-        everyone: bool,
-        recipients: Recipients,
-    ) -> Bulk {
+    pub(crate) fn new(id: u64, message: Outgoing, everyone: bool, recipients: Recipients) -> Bulk {
         Bulk {
             id,
             message,
