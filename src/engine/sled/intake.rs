@@ -206,7 +206,7 @@ impl Inner {
             return Ok(Outcome::Dropped);
         }
         if entry.everyone {
-            return self.store_spooled_announcement(name, &message);
+            return self.store_spooled_announcement(name, message);
         }
         self.backend.check_space()?;
         let bulk = users.len() > THRESHOLD;
@@ -243,17 +243,26 @@ impl Inner {
         Ok(Outcome::Stored)
     }
 
-    /// A spooled announcement to everyone: one record and the mark,
-    /// atomically, through the engine's own announcement code.
-    ///
-    /// Until the sled engine writes announcements (`Inner::store_announcement`
-    /// in `mod.rs`, shared with `send_everyone`), the file is refused: moved
-    /// aside to `spool/rejected`, where it is kept, with the reason logged.
-    fn store_spooled_announcement(&self, _name: &str, _message: &Outgoing) -> Result<Outcome> {
-        Ok(Outcome::Rejected(
-            "an announcement to everyone, which this version of the sled engine cannot store yet"
-                .to_owned(),
-        ))
+    /// A spooled announcement to everyone: as the engine's own
+    /// `send_everyone` stores one (a bulk record whose set lists the users
+    /// who have taken it, none yet; not counted in the index), with the
+    /// mark in the same transaction. Durable before the file goes, then
+    /// every watcher is woken.
+    fn store_spooled_announcement(&self, name: &str, message: Outgoing) -> Result<Outcome> {
+        self.backend.check_space()?;
+        let takers = Recipients::default();
+        let value = record::encode_bulk(&message, true, &takers);
+        {
+            let _commit = self.bulks.commit.lock();
+            let id = self.backend.next_id()?;
+            self.backend
+                .insert_spooled(&[], Some((id, &value)), name.as_bytes())?;
+            self.bulks
+                .push(Arc::new(Bulk::new(id, message, true, takers)));
+        }
+        self.commit()?;
+        self.notifier.everyone();
+        Ok(Outcome::Stored)
     }
 
     /// A send to a few users: a record each, with the mark, in one
