@@ -14,6 +14,12 @@
 //! file name:   <20-digit stamp>.<pid>.<counter>.msg
 //! ```
 //!
+//! The entry (format version 2) holds the recipients (none for an
+//! announcement to everyone), level, text, send time, and the draft's
+//! expiry time and replace key (see [`Spool::compose`]). Files of version 1,
+//! written by earlier releases, are still taken in (no expiry of their own,
+//! no key).
+//!
 //! The stamp is the sender's clock in nanoseconds, kept increasing within a
 //! process, so files sort in send order per sender and the store takes them
 //! in that order. Spooled messages get their id when taken in: they come
