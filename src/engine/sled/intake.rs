@@ -201,8 +201,7 @@ impl Inner {
             self.backend
                 .insert_spooled(&[], Some((id, &value)), name.as_bytes())?;
             self.count_recipients(&set, true);
-            self.bulks
-                .push(Arc::new(Bulk::new(id, message, false, set)));
+            self.bulks.push(Arc::new(Bulk::new(id, message, false, set)));
         }
         // Durable before the file goes.
         self.commit()?;
