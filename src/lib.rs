@@ -142,7 +142,7 @@ pub use level::Level;
 pub use live::Watch;
 pub use message::{BulkSend, Message, MessageId, Progress};
 pub use record::QuarantinedRecord;
-pub use spool::Spool;
+pub use spool::{Spool, SpoolDraft};
 #[cfg(feature = "axum")]
 pub use sse::LiveMessages;
 pub use store::{Builder, Draft, Durability, Lease, MessageStore, Stats};
