@@ -23,7 +23,7 @@ use crate::{Error, Lease, Message, MessageId, MessageStore, UserId, Watch};
 /// use axum::{Router, routing::get};
 ///
 /// async fn events(State(store): State<MessageStore>, headers: HeaderMap) -> LiveMessages {
-///     let user = 7; // the logged-in user, from your session
+///     let user: u64 = 7; // the logged-in user, from your session
 ///     LiveMessages::new(store, user).last_event_id(&headers)
 /// }
 ///
@@ -35,13 +35,17 @@ use crate::{Error, Lease, Message, MessageId, MessageStore, UserId, Watch};
 /// and in the page, with the text kept as text (never as HTML):
 ///
 /// ```js
-/// new EventSource("/events").onmessage = (event) => {
+/// const source = new EventSource("/events");
+/// source.onmessage = (event) => {
 ///   const message = JSON.parse(event.data); // {"id": 12, "level": "success", "text": "…"}
 ///   const item = document.createElement("li");
 ///   item.className = "message message-" + message.level;
 ///   item.textContent = message.text;
 ///   document.querySelector("#messages").append(item);
 /// };
+/// // Leaving the page: let the next page have what arrives meanwhile.
+/// document.addEventListener("submit", () => source.close());
+/// window.addEventListener("pagehide", () => source.close());
 /// ```
 ///
 /// # What is sent
@@ -97,6 +101,11 @@ use crate::{Error, Lease, Message, MessageId, MessageStore, UserId, Watch};
 /// messages for the `EventSource` request itself: it sends
 /// `Accept: text/event-stream`, so it is not a page navigation
 /// ([`RequestKind::is_page_navigation`](crate::RequestKind::is_page_navigation)).
+/// Close the `EventSource` when the page is left (on a form's `submit`
+/// and on `pagehide`, as the demo does): while the next page loads, the
+/// old page's stream is still open and would take a message sent by the
+/// very request that leaves it (a form sending to oneself), showing it on a
+/// page about to go away instead of the next one.
 ///
 /// **Errors.** A store error (a failed lease or commit, Redis down) is
 /// logged (`tracing::error!`) and ends the stream; `EventSource` reconnects

@@ -234,11 +234,16 @@ fn with_two_tabs_open_one_gets_the_message(engine: Engine) -> TestResult {
         settled(&mut first).await?;
         settled(&mut second).await?;
         store.info("ann", "One tab")?;
-        let (winner, loser) = tokio::select! {
-            got = first.next_message(PATIENCE) => (got?, &mut second),
-            got = second.next_message(PATIENCE) => (got?, &mut first),
+        let first_won = tokio::select! {
+            got = first.next_message(PATIENCE) => { assert_eq!(got?.text, "One tab"); true }
+            got = second.next_message(PATIENCE) => { assert_eq!(got?.text, "One tab"); false }
         };
-        assert_eq!(winner.text, "One tab");
+        let (winner, loser) = if first_won {
+            (&mut first, &mut second)
+        } else {
+            (&mut second, &mut first)
+        };
+        committed(winner).await?;
         assert_eq!(loser.try_next(QUIET).await?, None, "both tabs got it");
         assert!(
             store.get_messages("ann")?.is_empty(),
