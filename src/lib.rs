@@ -140,6 +140,6 @@ pub use level::Level;
 pub use live::Watch;
 pub use message::{BulkSend, Message, MessageId, Progress};
 pub use record::QuarantinedRecord;
-pub use spool::Spool;
+pub use spool::{Spool, SpoolDraft};
 pub use store::{Builder, Draft, Durability, Lease, MessageStore, Stats};
 pub use user::UserId;

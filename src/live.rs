@@ -76,12 +76,12 @@ impl Notifier {
 /// # use async_messages::MessageStore;
 /// # use std::time::Duration;
 /// let store = MessageStore::in_memory();
-/// let mut watch = store.watch(7)?;
+/// let mut watch = store.watch(7_u64)?;
 /// let sender = store.clone();
-/// std::thread::spawn(move || sender.info(7, "Your report is ready"));
+/// std::thread::spawn(move || sender.info(7_u64, "Your report is ready"));
 /// let mut shown = Vec::new();
 /// while shown.is_empty() {
-///     shown = store.get_messages(7)?;
+///     shown = store.get_messages(7_u64)?;
 ///     if shown.is_empty() {
 ///         watch.wait_timeout(Duration::from_secs(5));
 ///     }

@@ -652,13 +652,13 @@ impl MessageStore {
     ///     .compose("Your report is ready", Level::Success)
     ///     .expires_after(Duration::from_secs(3600))
     ///     .replace_key("report:42")
-    ///     .to_user(7)?;
+    ///     .to_user(7_u64)?;
     /// // The job ran again: the newer message replaces the queued one.
     /// store
     ///     .compose("Your report is ready (updated)", Level::Success)
     ///     .replace_key("report:42")
-    ///     .to_user(7)?;
-    /// let shown = store.get_messages(7)?;
+    ///     .to_user(7_u64)?;
+    /// let shown = store.get_messages(7_u64)?;
     /// assert_eq!(shown.len(), 1);
     /// assert_eq!(shown[0].text(), "Your report is ready (updated)");
     ///

@@ -5,6 +5,10 @@
 //! - `texts`: `id` → shared text of a small bulk send;
 //! - `bulk`: `id` → a large bulk send: text and recipient set (see `bulk.rs`);
 //! - `quarantine`: `id` → a damaged record moved out of the way;
+//! - `expiry`: `expires_at_ms ‖ message key` → nothing: the records of
+//!   `messages` that expire, in expiry order, so that the reaper reads only
+//!   what is due. Written before its record and removed after it, so a
+//!   crash can only leave an entry without a record (dropped when due);
 //! - `meta`: `format` → the database's format version.
 
 use std::io;
@@ -41,6 +45,8 @@ pub(crate) struct Backend {
     texts: Tree,
     bulk: Tree,
     quarantine: Tree,
+    /// `expires_at_ms ‖ message key` for every record that expires.
+    expiry: Tree,
     /// Marks of spool files taken in (by file name), written atomically
     /// with their messages; removed once the file is gone.
     spooled: Tree,
@@ -121,6 +127,7 @@ impl Backend {
             texts: tree("texts")?,
             bulk: tree("bulk")?,
             quarantine: tree("quarantine")?,
+            expiry: tree("expiry")?,
             spooled: tree("spooled")?,
             path: path.to_path_buf(),
             disk_reserve: options.disk_reserve,
@@ -297,8 +304,21 @@ impl Backend {
         use sled::Transactional;
         use sled::transaction::{ConflictableTransactionError, TransactionError};
         self.check_poisoned()?;
-        let result = (&self.messages, &self.bulk, &self.spooled).transaction(
-            |(messages, bulk_tree, spooled)| {
+        // Expiring records get their `expiry` entry in the same transaction.
+        let expiring: Vec<Vec<u8>> = records
+            .iter()
+            .filter_map(|(key, value)| match record::decode_record(value) {
+                Ok(record::Record::Inline(message)) => {
+                    message.expires_at_ms.map(|at| expiry_key(at, key))
+                }
+                _ => None,
+            })
+            .collect();
+        let result = (&self.messages, &self.bulk, &self.spooled, &self.expiry).transaction(
+            |(messages, bulk_tree, spooled, expiry)| {
+                for entry in &expiring {
+                    expiry.insert(entry.as_slice(), &[][..])?;
+                }
                 for (key, value) in records {
                     messages.insert(key.as_slice(), value.as_slice())?;
                 }
@@ -356,6 +376,72 @@ impl Backend {
     /// All bulk records, for recovery at open.
     pub(crate) fn all_bulks(&self) -> impl Iterator<Item = Result<(Bytes, Bytes)>> + '_ {
         self.bulk.iter().map(|item| item.map_err(|e| self.err(e)))
+    }
+
+    /// One record, if it is there.
+    pub(crate) fn get_message(&self, key: &[u8]) -> Result<Option<Bytes>> {
+        self.messages.get(key).map_err(|e| self.err(e))
+    }
+
+    /// Notes that the record under `key` expires at `at_ms` (before the
+    /// record is written).
+    pub(crate) fn insert_expiry(&self, at_ms: u64, key: &[u8]) -> Result<()> {
+        self.check_poisoned()?;
+        self.expiry
+            .insert(expiry_key(at_ms, key), &[][..])
+            .map(drop)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Writes the entry if it is missing; `true` if it was.
+    pub(crate) fn ensure_expiry(&self, at_ms: u64, key: &[u8]) -> Result<bool> {
+        let entry = expiry_key(at_ms, key);
+        if self.expiry.contains_key(&entry).map_err(|e| self.err(e))? {
+            return Ok(false);
+        }
+        self.check_poisoned()?;
+        self.expiry
+            .insert(entry, &[][..])
+            .map_err(|e| self.err(e))?;
+        Ok(true)
+    }
+
+    /// Removes an entry of the `expiry` tree (after its record).
+    pub(crate) fn remove_expiry(&self, entry: &[u8]) -> Result<()> {
+        self.check_poisoned()?;
+        self.expiry.remove(entry).map(drop).map_err(|e| self.err(e))
+    }
+
+    /// Up to `limit` entries of the `expiry` tree due at `now_ms` (expiry
+    /// time at most `now_ms`), in order, starting after `after`.
+    pub(crate) fn due_expiries(
+        &self,
+        after: Option<&[u8]>,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Bytes>> {
+        use std::ops::Bound;
+        let start = match after {
+            Some(key) => Bound::Excluded(key.to_vec()),
+            None => Bound::Unbounded,
+        };
+        // Every key due at `now_ms` sorts before `now_ms + 1` followed by anything.
+        let end = match now_ms.checked_add(1) {
+            Some(next) => Bound::Excluded(next.to_be_bytes().to_vec()),
+            None => Bound::Unbounded,
+        };
+        self.expiry
+            .range::<Vec<u8>, _>((start, end))
+            .keys()
+            .take(limit)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// How many entries the `expiry` tree holds (tests).
+    #[cfg(test)]
+    pub(crate) fn expiry_len(&self) -> usize {
+        self.expiry.len()
     }
 
     /// Removes a record; `true` if it was there.
@@ -515,6 +601,21 @@ impl Backend {
     pub(crate) fn size_on_disk(&self) -> Result<u64> {
         self.db.size_on_disk().map_err(|e| self.err(e))
     }
+}
+
+/// The key of an `expiry` entry: `expires_at_ms` (big-endian, so that the
+/// tree is in expiry order) followed by the record's key.
+pub(crate) fn expiry_key(at_ms: u64, key: &[u8]) -> Vec<u8> {
+    let mut entry = Vec::with_capacity(8 + key.len());
+    entry.extend_from_slice(&at_ms.to_be_bytes());
+    entry.extend_from_slice(key);
+    entry
+}
+
+/// Splits an `expiry` entry into the expiry time and the record's key.
+pub(crate) fn split_expiry_key(entry: &[u8]) -> Option<(u64, &[u8])> {
+    let (at, key) = entry.split_at_checked(8)?;
+    Some((u64::from_be_bytes(at.try_into().ok()?), key))
 }
 
 /// The clean-close mark's text.

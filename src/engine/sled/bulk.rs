@@ -19,15 +19,26 @@
 //! Bulk records get their sequence number when they commit, under one lock,
 //! so the in-memory list of live records is in sequence order and a drain
 //! that read it has seen every bulk send that committed before.
+//!
+//! An *announcement* (`everyone`) is a bulk record whose set holds the users
+//! who took it (folded) instead of those who may: every other user is
+//! listed. Folding adds its takers to the set and removes their marks; it
+//! is never taken by all, and lives until it expires (or for ever).
+//!
+//! The same thread reaps: every [`REAP_EVERY`](crate::engine::REAP_EVERY)
+//! it runs the engine's reaper (attached once the engine is open), which
+//! removes expired records and expired bulk records as a whole. Folds and
+//! reaps never run at once.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
 
 use parking_lot::{Mutex, RwLock};
 
 use super::backend::Backend;
-use crate::recipients::Recipients;
 use crate::engine::Outgoing;
+use crate::recipients::Recipients;
 use crate::{Result, UserId};
 
 /// Fold a record once this many recipients have taken it since the last fold
@@ -46,24 +57,28 @@ pub(crate) struct Bulk {
     recipients: RwLock<Arc<Recipients>>,
     /// Listed users who have not taken it.
     remaining: AtomicU64,
-    /// Listed users who have taken it (their mark is written) since the last fold.
-    taken: Mutex<Recipients>,
+    /// Listed users who have taken it (their mark is written) since the
+    /// last fold, and whether the reaper has removed the record.
+    taken: Mutex<Taken>,
+}
+
+#[derive(Debug, Default)]
+struct Taken {
+    users: Recipients,
+    /// Reaped: marks written from now on are removed by their writer.
+    dead: bool,
 }
 
 impl Bulk {
-    pub(crate) fn new(
-        id: u64,
-        message: Outgoing,
-        everyone: bool,
-        recipients: Recipients,
-    ) -> Bulk {
+    pub(crate) fn new(id: u64, message: Outgoing, everyone: bool, recipients: Recipients) -> Bulk {
         Bulk {
             id,
             message,
             everyone,
-            remaining: AtomicU64::new(recipients.len()),
+            // An announcement always has users left (every user not seen yet).
+            remaining: AtomicU64::new(if everyone { u64::MAX } else { recipients.len() }),
             recipients: RwLock::new(Arc::new(recipients)),
-            taken: Mutex::new(Recipients::default()),
+            taken: Mutex::new(Taken::default()),
         }
     }
 
@@ -71,21 +86,50 @@ impl Bulk {
         self.recipients.read().clone()
     }
 
+    /// Whether the record is for `user`, taken or not (a user's taken
+    /// mark says whether they took it since the last fold).
     pub(crate) fn lists(&self, user: &UserId) -> bool {
-        self.recipients.read().contains(user)
+        // An announcement's set holds the users who took it.
+        self.recipients.read().contains(user) != self.everyone
+    }
+
+    /// Whether `user` may still get this announcement: not among its takers
+    /// (a hint: a taker whose drain is still finishing counts as not yet).
+    pub(crate) fn untaken_by(&self, user: &UserId) -> bool {
+        !self.recipients.read().contains(user) && !self.taken.lock().users.contains(user)
     }
 
     /// Records that `user`'s mark is written (by a drain that is durable,
-    /// for the store's durability, or found at open).
-    pub(crate) fn note_taken(&self, user: &UserId) {
-        self.remaining.fetch_sub(1, Ordering::AcqRel);
-        self.taken.lock().insert(user);
+    /// for the store's durability, or found at open). `false` once the
+    /// reaper has removed the record: the caller then removes the mark.
+    pub(crate) fn note_taken(&self, user: &UserId) -> bool {
+        let mut taken = self.taken.lock();
+        if taken.dead {
+            return false;
+        }
+        if !self.everyone {
+            self.remaining.fetch_sub(1, Ordering::AcqRel);
+        }
+        taken.users.insert(user);
+        true
+    }
+
+    /// Marks the record removed by the reaper and returns the users whose
+    /// marks were noted since the last fold. Later
+    /// [`note_taken`](Self::note_taken) calls return `false`.
+    pub(crate) fn kill(&self) -> Recipients {
+        let mut taken = self.taken.lock();
+        taken.dead = true;
+        std::mem::take(&mut taken.users)
     }
 
     /// Whether a fold would pay off: every listed user has taken it, or
     /// many have since the last fold.
     pub(crate) fn due(&self) -> bool {
-        let taken = self.taken.lock().len();
+        let taken = self.taken.lock().users.len();
+        if self.everyone {
+            return taken >= FOLD_MIN;
+        }
         taken > 0
             && (self.remaining() == 0
                 || (taken >= FOLD_MIN && taken.saturating_mul(2) >= self.recipients.read().len()))
@@ -97,15 +141,20 @@ impl Bulk {
 
     /// Takes the users marked since the last fold.
     pub(crate) fn take_marked(&self) -> Recipients {
-        std::mem::take(&mut *self.taken.lock())
+        std::mem::take(&mut self.taken.lock().users)
     }
 
     /// Puts back users whose marks a failed fold did not remove.
     pub(crate) fn restore_marked(&self, users: &Recipients) {
         let mut taken = self.taken.lock();
         for user in users.users() {
-            taken.insert(&user);
+            taken.users.insert(&user);
         }
+    }
+
+    /// Whether it has expired at `now_ms`.
+    pub(crate) fn expired(&self, now_ms: u64) -> bool {
+        self.message.expired(now_ms)
     }
 
     pub(crate) fn replace_recipients(&self, recipients: Recipients) {
@@ -117,6 +166,9 @@ impl Bulk {
 #[derive(Debug, Default)]
 pub(crate) struct BulkList {
     live: RwLock<Arc<Vec<Arc<Bulk>>>>,
+    /// How many of them are announcements (so that the empty-queue fast
+    /// path checks them only when there are some).
+    announcements: AtomicUsize,
     /// Held while a bulk send takes its sequence number and becomes visible.
     pub(crate) commit: Mutex<()>,
 }
@@ -132,6 +184,9 @@ impl BulkList {
         let mut live = self.live.write();
         let mut next = Vec::with_capacity(live.len() + 1);
         next.extend(live.iter().cloned());
+        if bulk.everyone {
+            self.announcements.fetch_add(1, Ordering::AcqRel);
+        }
         next.push(bulk);
         next.sort_by_key(|b| b.id);
         *live = Arc::new(next);
@@ -139,8 +194,20 @@ impl BulkList {
 
     pub(crate) fn remove(&self, id: u64) {
         let mut live = self.live.write();
-        let next: Vec<_> = live.iter().filter(|b| b.id != id).cloned().collect();
+        let mut next = Vec::with_capacity(live.len());
+        for bulk in live.iter() {
+            if bulk.id != id {
+                next.push(bulk.clone());
+            } else if bulk.everyone {
+                self.announcements.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
         *live = Arc::new(next);
+    }
+
+    /// Whether any announcement is live.
+    pub(crate) fn has_announcements(&self) -> bool {
+        self.announcements.load(Ordering::Acquire) > 0
     }
 
     pub(crate) fn get(&self, id: u64) -> Option<Arc<Bulk>> {
@@ -148,12 +215,24 @@ impl BulkList {
     }
 }
 
-/// The store's background thread: folds bulk records (see the module docs).
-/// Closing the store finishes the folds already asked for, so that the space
-/// they free is free when the store is closed. A fold cut short by a crash
-/// leaves only marks that are no longer needed, which the next open removes.
+/// What the reaper runs: it checks the flag between records and returns
+/// early once the store is closing.
+pub(crate) type Reaper = Box<dyn FnMut(&AtomicBool) + Send>;
+
+enum Job {
+    Fold(u64),
+    /// Starts reaping every `REAP_EVERY`.
+    Attach(Reaper),
+}
+
+/// The store's background thread: folds bulk records (see the module docs)
+/// and reaps. Closing the store finishes the folds already asked for, so
+/// that the space they free is free when the store is closed, and cuts a
+/// reap short. A fold cut short by a crash leaves only marks that are no
+/// longer needed, which the next open removes.
 pub(crate) struct Maintenance {
-    sender: Mutex<Option<std::sync::mpsc::Sender<u64>>>,
+    sender: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
+    stopping: Arc<AtomicBool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -165,14 +244,31 @@ impl std::fmt::Debug for Maintenance {
 
 impl Maintenance {
     pub(crate) fn start(backend: Backend, bulks: Arc<BulkList>) -> Result<Maintenance> {
-        let (sender, receiver) = std::sync::mpsc::channel::<u64>();
+        let (sender, receiver) = std::sync::mpsc::channel::<Job>();
         let path = backend.path().to_path_buf();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let stop = stopping.clone();
         let thread = std::thread::Builder::new()
             .name("async-messages-maintenance".into())
             .spawn(move || {
-                while let Ok(first) = receiver.recv() {
-                    let mut due = vec![first];
-                    due.extend(receiver.try_iter());
+                let every = crate::engine::REAP_EVERY;
+                let mut reaper: Option<Reaper> = None;
+                let mut next_reap = Instant::now() + every;
+                loop {
+                    let wait = next_reap.saturating_duration_since(Instant::now());
+                    let mut due = Vec::new();
+                    match receiver.recv_timeout(wait) {
+                        Ok(job) => {
+                            for job in std::iter::once(job).chain(receiver.try_iter()) {
+                                match job {
+                                    Job::Fold(id) => due.push(id),
+                                    Job::Attach(run) => reaper = Some(run),
+                                }
+                            }
+                        }
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
                     due.sort_unstable();
                     due.dedup();
                     for id in due {
@@ -183,11 +279,21 @@ impl Maintenance {
                             tracing::warn!(%error, id, "could not fold a bulk record; it is retried later");
                         }
                     }
+                    if Instant::now() >= next_reap {
+                        if let Some(run) = &mut reaper
+                            && !backend.is_poisoned()
+                            && !stop.load(Ordering::Acquire)
+                        {
+                            run(&stop);
+                        }
+                        next_reap = Instant::now() + every;
+                    }
                 }
             })
             .map_err(|e| super::backend::io_error(&path, e))?;
         Ok(Maintenance {
             sender: Mutex::new(Some(sender)),
+            stopping,
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -196,12 +302,21 @@ impl Maintenance {
     pub(crate) fn fold(&self, id: u64) {
         if let Some(sender) = &*self.sender.lock() {
             // Only fails once the thread has stopped: the store is closing.
-            let _ = sender.send(id);
+            let _ = sender.send(Job::Fold(id));
+        }
+    }
+
+    /// Runs `reaper` every [`REAP_EVERY`](crate::engine::REAP_EVERY) from
+    /// now on, on this thread.
+    pub(crate) fn attach(&self, reaper: Reaper) {
+        if let Some(sender) = &*self.sender.lock() {
+            let _ = sender.send(Job::Attach(reaper));
         }
     }
 
     /// Finishes the folds asked for, then stops the thread.
     pub(crate) fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
         self.sender.lock().take();
         if let Some(thread) = self.thread.lock().take() {
             let _ = thread.join();
@@ -219,8 +334,13 @@ fn fold(backend: &Backend, bulks: &BulkList, id: u64) -> Result<()> {
     if marked.is_empty() {
         return Ok(());
     }
-    let left = bulk.recipients().without(&marked);
-    let rewritten = if left.is_empty() {
+    let left = if bulk.everyone {
+        // An announcement's set holds its takers: they join it.
+        union(&bulk.recipients(), &marked)
+    } else {
+        bulk.recipients().without(&marked)
+    };
+    let rewritten = if left.is_empty() && !bulk.everyone {
         bulks.remove(id);
         backend.remove_bulk(id)
     } else {
@@ -241,4 +361,15 @@ fn fold(backend: &Backend, bulks: &BulkList, id: u64) -> Result<()> {
         backend.remove_message(&crate::key::message_key(&prefix, id))?;
     }
     Ok(())
+}
+
+/// The users in `a` or in `b`.
+fn union(a: &Recipients, b: &Recipients) -> Recipients {
+    let mut strs: Vec<String> = a.strs.iter().chain(&b.strs).cloned().collect();
+    strs.sort_unstable();
+    strs.dedup();
+    Recipients {
+        ints: &a.ints | &b.ints,
+        strs,
+    }
 }

@@ -6,6 +6,18 @@
 //! - `bulk.rs` keeps large bulk sends as one record each;
 //! - `commit.rs` shares one fsync between concurrent writers;
 //! - `index.rs` answers "does this user have messages?" from memory.
+//!
+//! Expiry and replace keys: reads apply [`shown`](super::shown) to the
+//! user's merged queue; a drain (or a lease's commit) removes the messages
+//! it does not show with the rest. Records that expire have an entry in the
+//! `expiry` tree (`expires_at_ms ‖ key`), which the reaper (on the
+//! maintenance thread, every [`REAP_EVERY`](super::REAP_EVERY)) reads up to
+//! the present, removing what is due without anyone reading; expired bulk
+//! records and announcements go as a whole. A keyed send removes the
+//! recipient's older unleased records with its key once it is durable (the
+//! new record comes first, so a crash in between leaves an old record that
+//! [`shown`](super::shown) hides); bulk and announcement copies are hidden
+//! at read instead.
 
 mod backend;
 mod bulk;
@@ -30,7 +42,7 @@ pub(crate) use self::backend::{RecordCounts, clean_mark_text, parse_clean_mark};
 use self::bulk::{Bulk, BulkList, Maintenance};
 use self::commit::GroupCommit;
 use self::index::PendingIndex;
-use super::{Common, EmptyLease, Engine, LeaseState, Outgoing, Rules};
+use super::{Common, EmptyLease, Engine, LeaseState, Outgoing, Rules, shown};
 use crate::fs::sync_dir;
 use crate::message::{BulkSend, MessageId};
 use crate::recipients::Recipients;
@@ -115,6 +127,7 @@ impl SledEngine {
             intake_pause: options.intake_pause,
             inflight: Mutex::new(HashSet::new()),
             refs: Mutex::new(HashMap::new()),
+            last_reap: Mutex::new(Instant::now()),
             backend,
             _registration: registration,
         };
@@ -123,12 +136,30 @@ impl SledEngine {
         dirs.create()?;
         inner.take_in(&dirs)?;
         let inner = Arc::new(inner);
+        let reaper = Arc::downgrade(&inner);
+        inner.maintenance.attach(Box::new(move |stop| {
+            if let Some(inner) = reaper.upgrade() {
+                inner.reap(stop);
+            }
+        }));
         Ok(SledEngine {
             _intake: intake::Intake::start(Arc::downgrade(&inner), dirs)?,
             inner,
         })
     }
 }
+
+impl Drop for SledEngine {
+    fn drop(&mut self) {
+        // Before the engine lets go of `inner`: the maintenance thread
+        // holds it only while it reaps, and must never be the one to drop
+        // it (that would join the thread from itself).
+        self.inner.maintenance.stop();
+    }
+}
+
+/// How many `expiry` entries the reaper reads at a time.
+const REAP_BATCH: usize = 1024;
 
 /// Lock stripes: a drain holds its user's stripe while it scans and removes,
 /// an insert while it inserts, so a drain sees each sender's messages as a prefix.
@@ -188,6 +219,9 @@ struct Inner {
     inflight: Mutex<HashSet<u64>>,
     /// Live recipients of each shared text; at zero the text is removed.
     refs: Mutex<HashMap<u64, u64>>,
+    /// When the reaper last ran (for telling watchers about leases that
+    /// timed out since).
+    last_reap: Mutex<Instant>,
     backend: Backend,
     _registration: Registration,
 }
@@ -224,14 +258,19 @@ struct Collected {
     records: Vec<(Bytes, Bytes)>,
     /// Small bulk sends among them, whose shared text loses a recipient.
     shared: Vec<u64>,
-    /// Large bulk sends among them, and the keys of the taken marks a drain writes.
+    /// Large bulk sends and announcements among them, and the keys of the
+    /// taken marks a drain writes.
     bulks: Vec<(Arc<Bulk>, Vec<u8>)>,
+    /// The `expiry` entries of the records among them (removed after them).
+    expiries: Vec<Vec<u8>>,
 }
 
 impl Collected {
-    /// Records and bulk messages: what the index counted.
+    /// Records and bulk messages: what the index counted (announcements
+    /// are not counted).
     fn count(&self) -> u32 {
-        u32::try_from(self.records.len() + self.bulks.len()).unwrap_or(u32::MAX)
+        let bulks = self.bulks.iter().filter(|(bulk, _)| !bulk.everyone).count();
+        u32::try_from(self.records.len() + bulks).unwrap_or(u32::MAX)
     }
 
     /// The keys that hide these messages from other drains while leased.
@@ -262,7 +301,14 @@ impl Engine for SledEngine {
         let slot = inner.index.slot(&prefix);
         inner.index.add(slot, 1);
         let value = record::encode_inline(message);
-        if let Err(error) = inner.insert_locked(slot, &key, &value) {
+        // The expiry entry first: a crash can leave it without its record
+        // (dropped when due), never a record the reaper does not know.
+        let inserted = match message.expires_at_ms {
+            Some(at) => inner.backend.insert_expiry(at, &key),
+            None => Ok(()),
+        }
+        .and_then(|()| inner.insert_locked(slot, &key, &value));
+        if let Err(error) = inserted {
             inner.index.sub(slot, 1);
             return Err(error);
         }
@@ -273,6 +319,9 @@ impl Engine for SledEngine {
                 inner.index.sub(slot, 1);
             }
             return Err(error);
+        }
+        if let Some(replace_key) = &message.replace_key {
+            inner.replace_older(&prefix, slot, replace_key, id);
         }
         Ok(MessageId(id))
     }
@@ -287,7 +336,7 @@ impl Engine for SledEngine {
         inner.backend.check_space()?;
         let id = inner.backend.next_id()?;
         inner.inflight.lock().insert(id);
-        let written = inner.write_recipients(id, users, progress);
+        let written = inner.write_recipients(id, users, message.expires_at_ms, progress);
         let result = written.and_then(|recipients| {
             if recipients == 0 {
                 return Ok(0);
@@ -316,6 +365,14 @@ impl Engine for SledEngine {
             inner.refs.lock().remove(&id);
             return Err(error);
         }
+        if let Some(replace_key) = &message.replace_key {
+            for user in users {
+                if let Ok(prefix) = key::user_prefix(user) {
+                    let slot = inner.index.slot(&prefix);
+                    inner.replace_older(&prefix, slot, replace_key, id);
+                }
+            }
+        }
         Ok(BulkSend {
             id: Some(MessageId(id)),
             recipients,
@@ -326,18 +383,15 @@ impl Engine for SledEngine {
         self.inner.send_bulk_record(users, message)
     }
 
-    fn send_everyone(&self, _message: &Outgoing) -> Result<MessageId> {
-        Err(Error::Storage {
-            path: self.inner.backend.path().to_path_buf(),
-            source: "announcements are not written on sled yet".into(),
-        })
+    fn send_everyone(&self, message: &Outgoing) -> Result<MessageId> {
+        self.inner.send_announcement(message)
     }
 
     fn drain(&self, user: &UserId) -> Result<Vec<Message>> {
         let inner = &self.inner;
         let prefix = key::user_prefix(user)?;
         let slot = inner.index.slot(&prefix);
-        if inner.index.is_empty(slot) {
+        if inner.certainly_empty(user, slot) {
             return Ok(Vec::new());
         }
         let collected = {
@@ -350,15 +404,18 @@ impl Engine for SledEngine {
     }
 
     fn may_have(&self, user: &UserId) -> bool {
-        key::user_prefix(user)
-            .is_ok_and(|prefix| !self.inner.index.is_empty(self.inner.index.slot(&prefix)))
+        key::user_prefix(user).is_ok_and(|prefix| {
+            !self
+                .inner
+                .certainly_empty(user, self.inner.index.slot(&prefix))
+        })
     }
 
     fn peek(&self, user: &UserId) -> Result<Vec<Message>> {
         let inner = &self.inner;
         let prefix = key::user_prefix(user)?;
         let slot = inner.index.slot(&prefix);
-        if inner.index.is_empty(slot) {
+        if inner.certainly_empty(user, slot) {
             return Ok(Vec::new());
         }
         let _scan = inner.stripe(slot).lock();
@@ -369,7 +426,7 @@ impl Engine for SledEngine {
         let inner = &self.inner;
         let prefix = key::user_prefix(user)?;
         let slot = inner.index.slot(&prefix);
-        if inner.index.is_empty(slot) {
+        if inner.certainly_empty(user, slot) {
             return Ok(Box::new(EmptyLease));
         }
         let number = inner.lease_numbers.fetch_add(1, Ordering::Relaxed);
@@ -408,14 +465,16 @@ impl Engine for SledEngine {
             last = Some(prefix.to_vec());
             users.extend(key::decode_user(prefix));
         }
-        for bulk in self.inner.bulks.snapshot().iter() {
+        // An announcement's set holds its takers, not users who may have it.
+        for bulk in self.inner.bulks.snapshot().iter().filter(|b| !b.everyone) {
             users.extend(bulk.recipients().users());
         }
         Ok(users.into_iter().collect())
     }
 
     fn bulk_records(&self) -> Result<u64> {
-        Ok(self.inner.bulks.snapshot().len() as u64)
+        let bulks = self.inner.bulks.snapshot();
+        Ok(bulks.iter().filter(|bulk| !bulk.everyone).count() as u64)
     }
 
     fn flush(&self) -> Result<()> {
@@ -471,28 +530,391 @@ impl LeaseState for SledLease {
             inner.unlease(&collected, self.number);
             removed
         };
-        removed?;
+        if let Err(error) = removed {
+            // Back in the queue (the lease timed out).
+            inner.notifier.user(&self.user);
+            return Err(error);
+        }
         inner.finish_removal(&self.user, self.slot, collected)
     }
 
     fn release(mut self: Box<Self>) {
+        self.give_back();
+    }
+}
+
+impl SledLease {
+    /// Puts the messages back and wakes the user's watchers: an open page
+    /// may take them now.
+    fn give_back(&mut self) {
         if let Some(collected) = self.collected.take() {
             self.inner.unlease(&collected, self.number);
+            if collected.count() > 0 || !collected.bulks.is_empty() {
+                self.inner.notifier.user(&self.user);
+            }
         }
     }
 }
 
 impl Drop for SledLease {
     fn drop(&mut self) {
-        if let Some(collected) = self.collected.take() {
-            self.inner.unlease(&collected, self.number);
-        }
+        self.give_back();
     }
 }
 
 impl Inner {
     fn stripe(&self, slot: usize) -> &Mutex<()> {
         &self.stripes[slot % STRIPES]
+    }
+
+    /// The store's clock, in milliseconds since the Unix epoch.
+    fn now_ms(&self) -> u64 {
+        crate::clock::now_ms(&*self.clock)
+    }
+
+    /// `true` only when `user` certainly has nothing to read: the index
+    /// counts nothing for the user's slot and no live announcement waits
+    /// for them (announcements are not counted: they are for everyone).
+    fn certainly_empty(&self, user: &UserId, slot: usize) -> bool {
+        self.index.is_empty(slot) && !self.announcement_waits(user)
+    }
+
+    /// Whether a live announcement may still be for `user` (a hint: true
+    /// for a taker whose drain is still finishing).
+    fn announcement_waits(&self, user: &UserId) -> bool {
+        if !self.bulks.has_announcements() {
+            return false;
+        }
+        let now_ms = self.now_ms();
+        self.bulks
+            .snapshot()
+            .iter()
+            .any(|bulk| bulk.everyone && !bulk.expired(now_ms) && bulk.untaken_by(user))
+    }
+
+    /// An announcement: one bulk record for every user, whose set lists
+    /// the users who have taken it (none yet). Not counted in the index.
+    fn send_announcement(&self, message: &Outgoing) -> Result<MessageId> {
+        self.backend.check_space()?;
+        let value = record::encode_bulk(message, true, &Recipients::default());
+        let bulk = {
+            let _commit = self.bulks.commit.lock();
+            let id = self.backend.next_id()?;
+            self.backend.insert_bulk(id, &value)?;
+            let bulk = Arc::new(Bulk::new(id, message.clone(), true, Recipients::default()));
+            self.bulks.push(bulk.clone());
+            bulk
+        };
+        if let Err(error) = self.commit() {
+            // Un-commit, so that an error means "not sent".
+            bulk.kill();
+            self.bulks.remove(bulk.id);
+            let _ = self.backend.remove_bulk(bulk.id);
+            return Err(error);
+        }
+        Ok(MessageId(bulk.id))
+    }
+
+    /// After a durable keyed send `below` to the user of `prefix`: removes
+    /// the user's older queued (not leased) records with the same key.
+    /// They are already hidden by [`shown`] at read, so a failure here is
+    /// only logged: their space comes back when they are read or expire.
+    fn replace_older(&self, prefix: &[u8], slot: usize, replace_key: &str, below: u64) {
+        let _replace = self.stripe(slot).lock();
+        if let Err(error) = self.replace_older_locked(prefix, slot, replace_key, below) {
+            tracing::warn!(%error, "could not remove messages replaced by a newer one; they stay hidden");
+        }
+    }
+
+    /// [`replace_older`](Self::replace_older), with the user's stripe held.
+    fn replace_older_locked(
+        &self,
+        prefix: &[u8],
+        slot: usize,
+        replace_key: &str,
+        below: u64,
+    ) -> Result<()> {
+        let any_leased = self.leased_count.load(Ordering::Acquire) > 0;
+        let mut removed = Vec::new();
+        let mut expiries = Vec::new();
+        let mut shared = Vec::new();
+        for (key, value) in self.backend.scan(prefix)? {
+            let Some((_, seq)) = key::split_key(&key) else {
+                continue;
+            };
+            // Keys are in send order: the rest is newer.
+            if seq >= below {
+                break;
+            }
+            // A leased one stays with its lease (see `Draft::replace_key`).
+            if any_leased && self.leased.lock().contains_key(&key) {
+                continue;
+            }
+            let message = match record::decode_record(&value) {
+                Ok(Record::Inline(message)) => message,
+                Ok(Record::Shared) => {
+                    if self.inflight.lock().contains(&seq) {
+                        continue;
+                    }
+                    match self.backend.get_text(seq)? {
+                        Some(bytes) => match record::decode_text(&bytes) {
+                            Ok(text) => {
+                                if text.replace_key.as_deref() == Some(replace_key) {
+                                    shared.push(seq);
+                                }
+                                text
+                            }
+                            Err(_) => continue,
+                        },
+                        None => continue,
+                    }
+                }
+                // Marks, and damaged records (reported when read).
+                _ => continue,
+            };
+            if message.replace_key.as_deref() != Some(replace_key) {
+                continue;
+            }
+            if let Some(at) = message.expires_at_ms {
+                expiries.push(backend::expiry_key(at, &key));
+            }
+            removed.push(key);
+        }
+        if removed.is_empty() {
+            return Ok(());
+        }
+        self.backend.remove_messages(&removed)?;
+        self.index
+            .sub(slot, u32::try_from(removed.len()).unwrap_or(u32::MAX));
+        for entry in &expiries {
+            self.backend.remove_expiry(entry)?;
+        }
+        self.release_shared(&shared);
+        Ok(())
+    }
+
+    /// Takes one recipient off each of these shared texts (their records
+    /// are removed) and removes the texts no one needs any more.
+    fn release_shared(&self, ids: &[u64]) {
+        if ids.is_empty() {
+            return;
+        }
+        let mut unused = Vec::new();
+        {
+            let mut refs = self.refs.lock();
+            for id in ids {
+                if let Some(count) = refs.get_mut(id) {
+                    *count = count.saturating_sub(1);
+                    if *count == 0 {
+                        refs.remove(id);
+                        unused.push(*id);
+                    }
+                }
+            }
+        }
+        for id in unused {
+            // After the records: a crash in between leaves an unused text,
+            // which the next open removes.
+            if let Err(error) = self.backend.remove_text(&key::text_key(id)) {
+                tracing::warn!(%error, id, "could not remove a delivered shared text; it is removed at the next open");
+            }
+        }
+    }
+
+    /// The reaper, every [`REAP_EVERY`](super::REAP_EVERY) on the
+    /// maintenance thread: removes the expired records and bulk records no
+    /// one has read, and wakes the watchers of leases that timed out.
+    /// Nothing visible changes (reads never show expired messages), so it
+    /// wakes no one else.
+    fn reap(&self, stop: &std::sync::atomic::AtomicBool) {
+        let now_ms = self.now_ms();
+        match self.reap_records(now_ms, stop) {
+            Ok(0) => {}
+            Ok(removed) => tracing::debug!(removed, "reaped expired messages"),
+            Err(error) => {
+                tracing::warn!(%error, "could not reap expired messages; trying again later");
+            }
+        }
+        if let Err(error) = self.reap_bulks(now_ms, stop) {
+            tracing::warn!(%error, "could not reap an expired bulk send; trying again later");
+        }
+        self.wake_timed_out_leases();
+    }
+
+    /// Removes the records whose `expiry` entry is due; returns how many.
+    fn reap_records(&self, now_ms: u64, stop: &std::sync::atomic::AtomicBool) -> Result<u64> {
+        let mut after: Option<Bytes> = None;
+        let mut removed = 0_u64;
+        while !stop.load(Ordering::Acquire) {
+            let due = self
+                .backend
+                .due_expiries(after.as_deref(), now_ms, REAP_BATCH)?;
+            let Some(last) = due.last() else {
+                break;
+            };
+            after = Some(last.clone());
+            for entry in &due {
+                if self.reap_entry(entry, now_ms)? {
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Handles one due `expiry` entry: removes its record if it has expired
+    /// and is not leased, then the entry; `true` if a record went. A leased
+    /// record stays (with its entry) until its lease ends.
+    fn reap_entry(&self, entry: &[u8], now_ms: u64) -> Result<bool> {
+        let Some((prefix, seq)) =
+            backend::split_expiry_key(entry).and_then(|(_, key)| key::split_key(key))
+        else {
+            self.backend.remove_expiry(entry)?;
+            return Ok(false);
+        };
+        let key = &entry[8..];
+        let slot = self.index.slot(prefix);
+        let shared = {
+            let _reap = self.stripe(slot).lock();
+            if self.leased_count.load(Ordering::Acquire) > 0 {
+                let now = Instant::now();
+                let leased = self
+                    .leased
+                    .lock()
+                    .get(key)
+                    .is_some_and(|(_, deadline)| *deadline > now);
+                if leased {
+                    return Ok(false);
+                }
+            }
+            let Some(value) = self.backend.get_message(key)? else {
+                self.backend.remove_expiry(entry)?;
+                return Ok(false);
+            };
+            let (expired, shared) = match record::decode_record(&value) {
+                Ok(Record::Inline(message)) => (message.expired(now_ms), false),
+                Ok(Record::Shared) => {
+                    if self.inflight.lock().contains(&seq) {
+                        return Ok(false);
+                    }
+                    match self.backend.get_text(seq)? {
+                        Some(bytes) => match record::decode_text(&bytes) {
+                            Ok(text) => (text.expired(now_ms), true),
+                            // Reported (and quarantined) when its user reads.
+                            Err(_) => (false, false),
+                        },
+                        // An orphan of a send that failed: it goes too.
+                        None => (true, false),
+                    }
+                }
+                _ => (false, false),
+            };
+            if !expired {
+                // Not this entry's record (it cannot expire later: ids are
+                // never reused), or damaged: the entry is of no use.
+                self.backend.remove_expiry(entry)?;
+                return Ok(false);
+            }
+            self.backend.remove_message(key)?;
+            self.index.sub(slot, 1);
+            shared
+        };
+        self.backend.remove_expiry(entry)?;
+        if shared {
+            self.release_shared(&[seq]);
+        }
+        Ok(true)
+    }
+
+    /// Removes expired bulk records and announcements as a whole: the
+    /// record, its taken marks, and (for a bulk send) the index's count of
+    /// every recipient who had not taken it.
+    ///
+    /// The record leaves the in-memory list first, so reads started later
+    /// do not see it, then the disk (before the marks: a crash leaves only
+    /// marks without a record, which the next open removes). For a bulk
+    /// send, each recipient is then settled under their lock stripe, where
+    /// the mark on disk tells whether a drain took it (and took it off the
+    /// index) — a drain that read the list before holds that stripe while
+    /// it writes its mark. One case over-counts, accepted as rare and
+    /// harmless (a request of that index slot reads the disk, until the
+    /// next open): a recipient whose lease held the message when it was
+    /// reaped, and was then released instead of committed.
+    fn reap_bulks(&self, now_ms: u64, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
+        let expired: Vec<Arc<Bulk>> = self
+            .bulks
+            .snapshot()
+            .iter()
+            .filter(|bulk| bulk.expired(now_ms))
+            .cloned()
+            .collect();
+        for bulk in expired {
+            // Marks of drains finishing from now on are removed by them.
+            let marked = bulk.kill();
+            self.bulks.remove(bulk.id);
+            self.backend.remove_bulk(bulk.id)?;
+            if bulk.everyone {
+                for user in marked.users() {
+                    let prefix = key::user_prefix(&user)?;
+                    self.backend
+                        .remove_message(&key::message_key(&prefix, bulk.id))?;
+                }
+                continue;
+            }
+            for user in bulk.recipients().users() {
+                if stop.load(Ordering::Acquire) {
+                    // The index over-counts the rest until the next open.
+                    return Ok(());
+                }
+                let prefix = key::user_prefix(&user)?;
+                let slot = self.index.slot(&prefix);
+                let mark = key::message_key(&prefix, bulk.id);
+                let _settle = self.stripe(slot).lock();
+                if self.backend.take_message(&mark)? {
+                    // Taken: that drain took it off the index.
+                    continue;
+                }
+                let now = Instant::now();
+                let leased = self.leased_count.load(Ordering::Acquire) > 0
+                    && self
+                        .leased
+                        .lock()
+                        .get(mark.as_slice())
+                        .is_some_and(|(_, deadline)| *deadline > now);
+                if leased {
+                    // A commit takes it off the index; a release leaves it.
+                    continue;
+                }
+                self.index.sub(slot, 1);
+                if let Some(replace_key) = &bulk.message.replace_key {
+                    // As if it had replaced them when it was sent.
+                    self.replace_older_locked(&prefix, slot, replace_key, bulk.id)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Wakes the watchers of users whose lease timed out since the last
+    /// reap: their messages are back in the queue.
+    fn wake_timed_out_leases(&self) {
+        let now = Instant::now();
+        let since = std::mem::replace(&mut *self.last_reap.lock(), now);
+        if self.leased_count.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut prefixes: Vec<Vec<u8>> = self
+            .leased
+            .lock()
+            .iter()
+            .filter(|(_, (_, deadline))| *deadline > since && *deadline <= now)
+            .filter_map(|(key, _)| key::split_key(key).map(|(prefix, _)| prefix.to_vec()))
+            .collect();
+        prefixes.sort_unstable();
+        prefixes.dedup();
+        for prefix in prefixes {
+            self.notifier.prefix(&prefix);
+        }
     }
 
     /// Inserts a record while holding its user's lock stripe, so that a
@@ -577,6 +999,7 @@ impl Inner {
         &self,
         id: u64,
         users: &[UserId],
+        expires_at_ms: Option<u64>,
         progress: &mut dyn FnMut(u64),
     ) -> Result<u64> {
         let value = record::encode_shared();
@@ -586,7 +1009,12 @@ impl Inner {
             key::write_message_key(&mut key, user, id)?;
             let slot = self.index.slot(&key[..key.len() - key::SEQ_LEN]);
             self.index.add(slot, 1);
-            match self.insert_locked(slot, &key, &value) {
+            let inserted = match expires_at_ms {
+                Some(at) => self.backend.insert_expiry(at, &key),
+                None => Ok(()),
+            }
+            .and_then(|()| self.insert_locked(slot, &key, &value));
+            match inserted {
                 Ok(true) => written += 1,
                 // The same user listed again: one record, counted once.
                 Ok(false) => {
@@ -616,6 +1044,7 @@ impl Inner {
         let mut collected = Collected::default();
         let mut orphans = Vec::new();
         let mut taken = Vec::new();
+        let now_ms = self.now_ms();
         let mut records = self.backend.scan(prefix)?;
         let any_leased = skip_leased && self.leased_count.load(Ordering::Acquire) > 0;
         let now = Instant::now();
@@ -675,27 +1104,52 @@ impl Inner {
                     }
                 }
             };
+            if let Some(at) = message.expires_at_ms {
+                collected.expiries.push(backend::expiry_key(at, &key));
+            }
             collected.messages.push(message);
             collected.records.push((key, value));
         }
         // After the scan, under the user's stripe: a bulk send that
         // committed before any record the scan saw is in this list.
         let bulks = self.bulks.snapshot();
-        if !bulks.is_empty() {
-            for bulk in bulks.iter() {
-                if taken.contains(&bulk.id) || !bulk.lists(user) {
-                    continue;
-                }
-                let mark = key::message_key(prefix, bulk.id);
-                if any_leased && is_leased(&mark) {
-                    continue;
-                }
-                collected.messages.push(bulk.message.message(bulk.id));
+        let mut merged = false;
+        for bulk in bulks.iter() {
+            if taken.contains(&bulk.id) || !bulk.lists(user) {
+                continue;
+            }
+            let expired = bulk.expired(now_ms);
+            // An expired announcement never reached this user: it is as if
+            // it had not been sent (it replaces nothing).
+            if expired && bulk.everyone {
+                continue;
+            }
+            let mark = key::message_key(prefix, bulk.id);
+            if any_leased && is_leased(&mark) {
+                continue;
+            }
+            collected.messages.push(bulk.message.message(bulk.id));
+            merged = true;
+            // An expired bulk send still replaces the user's older copies
+            // (as it did when sent), but is not taken: the reaper removes
+            // it as a whole.
+            if !expired {
                 collected.bulks.push((bulk.clone(), mark));
             }
-            if !collected.bulks.is_empty() {
-                collected.messages.sort_by_key(|m| m.id);
-            }
+        }
+        if merged {
+            collected.messages.sort_by_key(|m| m.id);
+        }
+        // Expired and replaced messages are taken (removed by a drain or a
+        // lease's commit) but not returned.
+        let shown = shown(&collected.messages, now_ms);
+        if shown.contains(&false) {
+            let messages = std::mem::take(&mut collected.messages);
+            collected.messages = messages
+                .into_iter()
+                .zip(shown)
+                .filter_map(|(message, shown)| shown.then_some(message))
+                .collect();
         }
         if !orphans.is_empty() {
             self.backend.remove_messages(&orphans)?;
@@ -797,32 +1251,25 @@ impl Inner {
             }
             return Err(error);
         }
-        for (bulk, _) in &collected.bulks {
-            bulk.note_taken(user);
-            if bulk.due() {
+        for (bulk, mark) in &collected.bulks {
+            if !bulk.note_taken(user) {
+                // Reaped meanwhile: this mark is no longer needed.
+                if let Err(error) = self.backend.remove_message(mark) {
+                    tracing::warn!(%error, "could not remove the mark of a reaped bulk send; it is removed at the next open");
+                }
+            } else if bulk.due() {
                 self.maintenance.fold(bulk.id);
             }
         }
-        let mut unused = Vec::new();
-        {
-            let mut refs = self.refs.lock();
-            for id in &collected.shared {
-                if let Some(count) = refs.get_mut(id) {
-                    *count = count.saturating_sub(1);
-                    if *count == 0 {
-                        refs.remove(id);
-                        unused.push(*id);
-                    }
-                }
+        // After the records: a crash in between leaves entries without a
+        // record, dropped when due.
+        for entry in &collected.expiries {
+            if let Err(error) = self.backend.remove_expiry(entry) {
+                tracing::warn!(%error, "could not remove an expiry entry; it is dropped when due");
+                break;
             }
         }
-        for id in unused {
-            // After the records: a crash in between leaves an unused text,
-            // which the next open removes.
-            if let Err(error) = self.backend.remove_text(&key::text_key(id)) {
-                tracing::warn!(%error, id, "could not remove a delivered shared text; it is removed at the next open");
-            }
-        }
+        self.release_shared(&collected.shared);
         Ok(collected.messages)
     }
 
@@ -844,7 +1291,8 @@ impl Inner {
     fn recover(&self) -> Result<()> {
         #[derive(Clone, Copy, PartialEq, Eq)]
         enum TextState {
-            Present,
+            /// With its expiry time.
+            Present(Option<u64>),
             Missing,
             Damaged,
         }
@@ -865,8 +1313,11 @@ impl Inner {
             match decoded {
                 Ok((id, bulk)) => {
                     // Counted as queued for every listed user; marks found
-                    // below take their user off again.
-                    self.count_recipients(&bulk.recipients, true);
+                    // below take their user off again. Announcements are
+                    // not counted.
+                    if !bulk.everyone {
+                        self.count_recipients(&bulk.recipients, true);
+                    }
                     self.bulks.push(Arc::new(Bulk::new(
                         id,
                         bulk.message,
@@ -879,6 +1330,8 @@ impl Inner {
         }
         let mut stale_marks = Vec::new();
         let mut redo = Vec::new();
+        // Records that expire, whose `expiry` entry should be there.
+        let mut expiring: Vec<(u64, Bytes)> = Vec::new();
         for item in self.backend.all_messages() {
             let (key, value) = item?;
             seen.messages += 1;
@@ -898,9 +1351,12 @@ impl Inner {
                     unreadable += 1;
                     self.index.add(slot, 1);
                 }
-                Ok(Record::Inline { .. }) => {
+                Ok(Record::Inline(message)) => {
                     records += 1;
                     self.index.add(slot, 1);
+                    if let Some(at) = message.expires_at_ms {
+                        expiring.push((at, key.clone()));
+                    }
                 }
                 Ok(Record::Taken { removed }) => {
                     // A drain whose mark is on disk happened: finish its removals.
@@ -916,8 +1372,10 @@ impl Inner {
                             listed
                         })
                     });
-                    if live.is_some() {
-                        self.index.sub(slot, 1);
+                    if let Some(bulk) = live {
+                        if !bulk.everyone {
+                            self.index.sub(slot, 1);
+                        }
                     } else {
                         // Its bulk record is gone or no longer lists the
                         // user (a fold cut short): not needed any more.
@@ -931,7 +1389,7 @@ impl Inner {
                             let state = match self.backend.get_text(seq)? {
                                 None => TextState::Missing,
                                 Some(bytes) => match record::decode_text(&bytes) {
-                                    Ok(_) => TextState::Present,
+                                    Ok(text) => TextState::Present(text.expires_at_ms),
                                     Err(_) => TextState::Damaged,
                                 },
                             };
@@ -943,10 +1401,14 @@ impl Inner {
                         self.backend.remove_message(&key)?;
                         orphans += 1;
                     } else {
-                        if state == TextState::Damaged {
-                            unreadable += 1;
-                        } else {
-                            records += 1;
+                        match state {
+                            TextState::Present(expires) => {
+                                records += 1;
+                                if let Some(at) = expires {
+                                    expiring.push((at, key.clone()));
+                                }
+                            }
+                            _ => unreadable += 1,
                         }
                         *refs.entry(seq).or_default() += 1;
                         self.index.add(slot, 1);
@@ -1020,6 +1482,21 @@ impl Inner {
             );
         }
         self.backend.remove_messages(&stale_marks)?;
+        // Entries are written before their record, so none should be
+        // missing; if one is, the record would never be reaped.
+        let finished_keys: HashSet<&[u8]> = redo.iter().map(|(key, _)| key.as_slice()).collect();
+        let mut restored = 0_u64;
+        for (at, key) in expiring
+            .iter()
+            .filter(|(_, key)| !finished_keys.contains(key.as_ref()))
+        {
+            if self.backend.ensure_expiry(*at, key)? {
+                restored += 1;
+            }
+        }
+        if restored > 0 {
+            tracing::warn!(restored, "restored missing expiry entries");
+        }
         for bulk in self.bulks.snapshot().iter() {
             if bulk.due() {
                 self.maintenance.fold(bulk.id);
