@@ -34,16 +34,22 @@ pub fn ms(time: SystemTime) -> u64 {
 
 /// Polls `done` until it says yes; fails the test with `what` if it has
 /// not within [`DEADLINE`].
-pub fn wait_until(what: &str, mut done: impl FnMut() -> Result<bool>) -> Result<()> {
+pub fn wait_until(what: &str, done: impl FnMut() -> Result<bool>) -> Result<()> {
+    assert!(poll(done)?, "waited {DEADLINE:?} for {what}");
+    Ok(())
+}
+
+/// Polls `done` until it says yes (`true`) or [`DEADLINE`] has passed
+/// (`false`), so that the caller can say what it saw last.
+pub fn poll(mut done: impl FnMut() -> Result<bool>) -> Result<bool> {
     let started = Instant::now();
     loop {
         if done()? {
-            return Ok(());
+            return Ok(true);
         }
-        assert!(
-            started.elapsed() < DEADLINE,
-            "waited {DEADLINE:?} for {what}"
-        );
+        if started.elapsed() > DEADLINE {
+            return Ok(false);
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
