@@ -11,7 +11,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::sync::Barrier;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::Duration;
 
@@ -184,25 +184,35 @@ fn concurrent_sends_with_one_key_leave_one_message(engine: Engine) -> Result<()>
     Ok(())
 }
 
-/// Keyed sends from several threads while one thread drains the user:
-/// each drain returns at most one message with the key, drains return
-/// increasing ids, no message comes twice, and the last one sent is
-/// delivered.
+/// Keyed sends from several threads while one thread drains the user.
+/// Each call is stamped with a shared counter when it is called and when
+/// it returns, so that "sent before" means what it says whatever ids the
+/// engine hands out to overlapping sends. Then: each drain returns at most
+/// one message with the key; none comes twice; no drain delivers a message
+/// that a newer one had replaced (one whose send was called after the
+/// older one's returned, and returned before the drain was called); and a
+/// send made once all others have returned is delivered, alone.
 fn concurrent_keyed_sends_and_drains(engine: Engine) -> Result<()> {
     const THREADS: u64 = 4;
     const PER_THREAD: u64 = 60;
+    /// A call's stamps: when it was called and when it returned.
+    type Stamps = (u64, u64);
     let store = engine.open_fast()?;
     let done = AtomicBool::new(false);
+    let counter = AtomicU64::new(0);
+    let stamp = || counter.fetch_add(1, Ordering::SeqCst);
     let (sent, drains) = thread::scope(|scope| -> Result<_> {
         let drainer = {
-            let (store, done) = (&store, &done);
-            scope.spawn(move || -> Result<Vec<Vec<MessageId>>> {
+            let (store, done, stamp) = (&store, &done, &stamp);
+            scope.spawn(move || -> Result<Vec<(Stamps, Vec<MessageId>)>> {
                 let mut drains = Vec::new();
                 loop {
                     let finished = done.load(Ordering::Acquire);
+                    let called = stamp();
                     let got = store.get_messages(1_u64)?;
+                    let returned = stamp();
                     if !got.is_empty() {
-                        drains.push(ids(&got));
+                        drains.push(((called, returned), ids(&got)));
                     }
                     if finished {
                         return Ok(drains);
@@ -212,15 +222,19 @@ fn concurrent_keyed_sends_and_drains(engine: Engine) -> Result<()> {
         };
         let senders: Vec<_> = (0..THREADS)
             .map(|t| {
-                let store = &store;
-                scope.spawn(move || -> Result<Vec<MessageId>> {
+                let (store, stamp) = (&store, &stamp);
+                scope.spawn(move || -> Result<Vec<(MessageId, Stamps)>> {
                     (0..PER_THREAD)
-                        .map(|i| keyed(store, 1_u64, "k", &format!("{t}:{i}")))
+                        .map(|i| {
+                            let called = stamp();
+                            let id = keyed(store, 1_u64, "k", &format!("{t}:{i}"))?;
+                            Ok((id, (called, stamp())))
+                        })
                         .collect()
                 })
             })
             .collect();
-        let mut sent = Vec::new();
+        let mut sent = std::collections::HashMap::new();
         for sender in senders {
             sent.extend(sender.join().expect("sender panicked")?);
         }
@@ -229,15 +243,22 @@ fn concurrent_keyed_sends_and_drains(engine: Engine) -> Result<()> {
         Ok((sent, drains))
     })?;
     let mut seen = HashSet::new();
-    let mut previous = None;
-    for drain in &drains {
+    for ((called, _), drain) in &drains {
         assert_eq!(drain.len(), 1, "one keyed message per drain: {drains:?}");
-        assert!(seen.insert(drain[0]), "delivered twice: {drains:?}");
-        assert!(previous < Some(drain[0]), "ids go up: {drains:?}");
-        previous = Some(drain[0]);
+        let id = drain[0];
+        assert!(seen.insert(id), "{id:?} delivered twice: {drains:?}");
+        let (_, old_returned) = sent[&id];
+        let newer = sent.iter().find(|(_, (new_called, new_returned))| {
+            *new_called > old_returned && new_returned < called
+        });
+        assert!(
+            newer.is_none(),
+            "{id:?} (sent {:?}) was delivered by a drain called at {called}, after {newer:?} had replaced it",
+            sent[&id]
+        );
     }
-    let last = sent.iter().max().expect("sends");
-    assert_eq!(previous.as_ref(), Some(last), "the last send is delivered");
+    let last = keyed(&store, 1_u64, "k", "last")?;
+    assert_eq!(ids(&store.get_messages(1_u64)?), [last]);
     assert!(store.peek(1_u64)?.is_empty());
     Ok(())
 }
