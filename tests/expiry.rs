@@ -432,9 +432,11 @@ fn racing_senders_and_drainers_respect_expiry(engine: Engine) -> Result<()> {
         before: u64,
         after: u64,
     }
+    /// A message to one user: sender, index, user.
+    type Key = (u64, u64, u64);
     /// One delivery: the message, its expiry time, the clock before the
     /// read that returned it.
-    type Delivered = ((u64, u64, u64), u64, u64);
+    type Delivered = (Key, u64, u64);
 
     let done = AtomicBool::new(false);
     let (sent, delivered) = thread::scope(|scope| -> Result<_> {
@@ -448,7 +450,7 @@ fn racing_senders_and_drainers_respect_expiry(engine: Engine) -> Result<()> {
                         turn += 1;
                         let user = turn % USERS;
                         let before = now();
-                        let messages = if turn % 3 == 0 {
+                        let messages = if turn.is_multiple_of(3) {
                             store.lease_messages(user)?.commit()?
                         } else {
                             store.get_messages(user)?
@@ -465,7 +467,7 @@ fn racing_senders_and_drainers_respect_expiry(engine: Engine) -> Result<()> {
         let senders: Vec<_> = (0..SENDERS)
             .map(|s| {
                 let (store, clock, now) = (&store, &clock, &now);
-                scope.spawn(move || -> Result<Vec<((u64, u64, u64), Sent)>> {
+                scope.spawn(move || -> Result<Vec<(Key, Sent)>> {
                     let mut rng = Rng::new(seed.wrapping_add(s));
                     let mut sent = Vec::new();
                     for i in 0..PER_SENDER {
@@ -524,7 +526,7 @@ fn racing_senders_and_drainers_respect_expiry(engine: Engine) -> Result<()> {
             delivered.push((parse(m.text(), user), at, end));
         }
     }
-    let mut times: HashMap<(u64, u64, u64), usize> = HashMap::new();
+    let mut times: HashMap<Key, usize> = HashMap::new();
     for &(message, expires_at, read_at) in &delivered {
         *times.entry(message).or_default() += 1;
         let sent = sent
