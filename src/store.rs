@@ -4,10 +4,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::clock::{Clock, SystemClock};
 use crate::engine::memory::MemoryEngine;
 use crate::engine::sled::{SledEngine, SledOptions};
 use crate::engine::{Common, Engine, LeaseState, Outgoing, Rules};
-use crate::clock::{Clock, SystemClock};
 use crate::live::{Notifier, Watch};
 use crate::message::{BulkSend, MessageId, Progress};
 use crate::recipients::{Recipients, THRESHOLD};
@@ -829,10 +829,7 @@ impl Draft<'_> {
     ///
     /// # Errors
     /// As for [`to_user`](Self::to_user).
-    pub fn to_users<U: Into<UserId>>(
-        self,
-        users: impl IntoIterator<Item = U>,
-    ) -> Result<BulkSend> {
+    pub fn to_users<U: Into<UserId>>(self, users: impl IntoIterator<Item = U>) -> Result<BulkSend> {
         self.to_users_with_progress(users, |_| {})
     }
 

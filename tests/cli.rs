@@ -1183,3 +1183,54 @@ fn export_then_import_keeps_expiry_times_and_keys() -> Result<()> {
     assert_eq!(ids.len(), 1);
     Ok(())
 }
+
+#[test]
+fn on_redis_keys_expiry_and_everyone_are_stored_at_once() -> Result<()> {
+    let Some(server) = common::redis::RedisServer::start_or_skip() else {
+        return Ok(());
+    };
+    let url = server.url();
+    let send = |args: &[&str]| {
+        cli()
+            .args(["send", &url, "--namespace", "cli-12"])
+            .args(args)
+            .assert()
+    };
+    for text in ["3 new comments", "4 new comments"] {
+        send(&[
+            "7",
+            text,
+            "--replace-key",
+            "comments",
+            "--expires-after",
+            "1h",
+        ])
+        .success()
+        .stdout(predicate::str::contains("in the Redis store"));
+    }
+    send(&["--everyone", "Maintenance tonight", "--expires-after", "2h"])
+        .success()
+        .stdout(predicate::str::contains(
+            "Queued an info announcement for everyone (expires in 2h)",
+        ));
+    // Below the store's minimum, an announcement is refused (it must reach people).
+    send(&["--everyone", "quiet", "--level", "debug"])
+        .code(1)
+        .stderr(one_sentence().and(predicate::str::contains("debug")));
+    send(&["7", "x", "--replace-key", ""])
+        .code(1)
+        .stderr(one_sentence().and(predicate::str::contains("replace key is empty")));
+    let store = MessageStore::builder()
+        .redis(&url)
+        .namespace("cli-12")
+        .open()?;
+    let got = store.get_messages(7_u64)?;
+    assert_eq!(texts(&got), ["4 new comments", "Maintenance tonight"]);
+    assert_eq!(got[0].replace_key(), Some("comments"));
+    assert!(got[0].expires_at().is_some() && got[1].expires_at().is_some());
+    assert_eq!(
+        texts(&store.get_messages("never-seen")?),
+        ["Maintenance tonight"]
+    );
+    Ok(())
+}

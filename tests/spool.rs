@@ -707,3 +707,34 @@ fn version_1_spool_files_are_still_taken_in() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_spooled_keyed_send_removes_the_older_record_from_disk() -> Result<()> {
+    let dir = TestDir::new();
+    {
+        let store = dir.open()?;
+        let spool = Spool::open(dir.store_path())?;
+        for n in 1..=3 {
+            spool
+                .compose(format!("{n} new comments"), Level::Info)
+                .replace_key("comments")
+                .to_user(7_u64)?;
+            // One at a time: each is taken in before the next is written.
+            wait_taken_in(&dir.store_path());
+        }
+        spool.info(7_u64, "unrelated")?;
+        wait_taken_in(&dir.store_path());
+        assert_eq!(store.count(7_u64)?, 2);
+    }
+    // Replaced at write time, not only hidden at read: two records left.
+    let db = common::raw_db(&dir.store_path());
+    let mut prefix = vec![0x01];
+    prefix.extend_from_slice(&7_u64.to_be_bytes());
+    let records = db
+        .open_tree("messages")
+        .expect("messages tree")
+        .scan_prefix(&prefix)
+        .count();
+    assert_eq!(records, 2);
+    Ok(())
+}

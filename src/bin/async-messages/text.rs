@@ -10,8 +10,8 @@ pub(crate) const SEND_HELP: &str = "\
 Examples:
   async-messages send /srv/app/messages 42 'Your export is ready' --level success
   async-messages send /srv/app/messages alice 'The nightly import failed' --level error
-  async-messages send /srv/app/messages 42 'Report 42 is ready' --replace-key report:42 --expires-after 1day
-  async-messages send /srv/app/messages --everyone 'Maintenance tonight at 22:00' --level warning --expires-after 12h
+  async-messages send /srv/app/messages 42 'Report ready' --replace-key report:42 --expires-after 1d
+  async-messages send /srv/app/messages --everyone 'Maintenance at 22:00' --expires-after 12h
   async-messages send redis://cache:6379/0 --namespace shop 42 'Welcome back'
 DURATION: a number and a unit, several added up: 500ms, 90s, 15m, 12h, 7days, 2weeks,
 '1h 30m'; from 1 ms to 3650 days. The expiry counts from now (on a directory, by this

@@ -209,36 +209,44 @@ impl Inner {
             return self.store_spooled_announcement(name, message);
         }
         self.backend.check_space()?;
-        let bulk = users.len() > THRESHOLD;
-        if bulk {
+        if users.len() > THRESHOLD {
             let mut set = Recipients::default();
             for user in &users {
                 set.push(user.clone());
             }
             set.seal();
             let value = record::encode_bulk(&message, false, &set);
-            let _commit = self.bulks.commit.lock();
-            let id = self.backend.next_id()?;
-            self.backend
-                .insert_spooled(&[], Some((id, &value)), name.as_bytes())?;
-            self.count_recipients(&set, true);
-            self.bulks
-                .push(Arc::new(Bulk::new(id, message, false, set)));
-        } else {
-            let prefixes = users
-                .iter()
-                .map(key::user_prefix)
-                .collect::<Result<Vec<_>>>()?;
-            self.store_spooled_records(name, &message, &prefixes)?;
-        }
-        // Durable before the file goes, and before anyone is told.
-        self.commit()?;
-        if bulk {
-            self.notifier.everyone();
-        } else {
-            for user in &users {
-                self.notifier.user(user);
+            {
+                let _commit = self.bulks.commit.lock();
+                let id = self.backend.next_id()?;
+                self.backend
+                    .insert_spooled(&[], Some((id, &value)), name.as_bytes())?;
+                self.count_recipients(&set, true);
+                self.bulks
+                    .push(Arc::new(Bulk::new(id, message, false, set)));
             }
+            // Durable before the file goes, and before anyone is told.
+            self.commit()?;
+            self.notifier.everyone();
+            return Ok(Outcome::Stored);
+        }
+        let prefixes = users
+            .iter()
+            .map(key::user_prefix)
+            .collect::<Result<Vec<_>>>()?;
+        let id = self.store_spooled_records(name, &message, &prefixes)?;
+        self.commit()?;
+        if let Some(replace_key) = &message.replace_key {
+            // As the engine's own keyed sends do, once the new record is
+            // durable: each recipient's older queued records with the key
+            // go (they are hidden at read already; a bulk record's copies
+            // stay hidden there).
+            for prefix in &prefixes {
+                self.replace_older(prefix, self.index.slot(prefix), replace_key, id);
+            }
+        }
+        for user in &users {
+            self.notifier.user(user);
         }
         Ok(Outcome::Stored)
     }
@@ -266,13 +274,13 @@ impl Inner {
     }
 
     /// A send to a few users: a record each, with the mark, in one
-    /// transaction, under every recipient's lock stripe.
+    /// transaction, under every recipient's lock stripe. Returns its id.
     fn store_spooled_records(
         &self,
         name: &str,
         message: &Outgoing,
         prefixes: &[Vec<u8>],
-    ) -> Result<()> {
+    ) -> Result<u64> {
         let id = self.backend.next_id()?;
         let value = record::encode_inline(message);
         let records: Vec<(Vec<u8>, Vec<u8>)> = prefixes
@@ -291,6 +299,6 @@ impl Inner {
             }
             return Err(error);
         }
-        Ok(())
+        Ok(id)
     }
 }
