@@ -321,14 +321,23 @@ impl Shared {
             }
         }
         let bulks_key = self.key("bulks", b"");
-        let live: Vec<(String, f64)> = self.pool.run(|con| {
-            redis::cmd("ZRANGE")
+        let id_key = self.key("id", b"");
+        // The id counter first: every bulk send with an id up to it was
+        // added before the ZRANGE ran (a send takes its id and joins
+        // ns:bulks in one script), so one of those missing from the list
+        // is gone (taken by all, or expired).
+        let (horizon, live): (Option<u64>, Vec<(String, f64)>) = self.pool.run(|con| {
+            redis::pipe()
+                .cmd("GET")
+                .arg(&id_key)
+                .cmd("ZRANGE")
                 .arg(&bulks_key)
                 .arg(0)
                 .arg(-1)
                 .arg("WITHSCORES")
                 .query(con)
         })?;
+        let horizon = horizon.unwrap_or(0);
         let ids: Vec<u64> = live.iter().filter_map(|(f, _)| f.parse().ok()).collect();
         let missing: Vec<u64> = {
             let cache = self.bulks.lock();
@@ -373,8 +382,8 @@ impl Shared {
         }
         // Refreshes can overlap: a bulk send newer than this snapshot was
         // added by a later one (or by this process's own send) and stays;
-        // an older one missing from it has been taken by everyone.
-        let newest = ids.iter().copied().max().unwrap_or(0);
+        // an older one missing from it is gone.
+        let newest = ids.iter().copied().max().unwrap_or(0).max(horizon);
         let live: std::collections::HashSet<u64> = ids.into_iter().collect();
         cache
             .bulks
