@@ -165,6 +165,7 @@ fn expiry_arg(message: &Outgoing) -> String {
         .expires_at_ms
         .map_or_else(String::new, |at| at.to_string())
 }
+
 /// Lease tokens: unique across processes (a random start) and within one.
 struct Tokens(AtomicU64);
 
@@ -223,10 +224,12 @@ impl RedisEngine {
     }
 }
 
-/// How many expired entries one run of the reap script removes; a tick
-/// runs it again while it finds a full batch (up to `REAP_BATCHES` times).
-const REAP_BATCH: usize = 500;
-const REAP_BATCHES: usize = 200;
+/// How many expired entries one run of the reap script removes (about
+/// 1.5 ms of the server's time: 100,000 took 200 runs of 500 at 3.9 ms
+/// each); a tick runs it again while it finds a full batch, up to
+/// `REAP_BATCHES` times.
+const REAP_BATCH: usize = 200;
+const REAP_BATCHES: usize = 500;
 
 /// Removes expired messages every [`REAP_EVERY`](super::REAP_EVERY) until
 /// the engine is dropped (it holds the engine only while reaping).
