@@ -558,3 +558,54 @@ fn a_watcher_over_tls_is_woken_too() {
     // The message really went through this server.
     assert_eq!(server.command(&["EXISTS", "tls:id"]), ":1");
 }
+
+/// A keyed announcement replaces older messages with its key, also for
+/// users who come only after it expired and was reaped; a user who took
+/// it while an older one was leased gets that one back on release (once
+/// delivered, a key is free again), also after the announcement is gone.
+#[test]
+fn a_keyed_announcement_replaces_older_messages_after_it_is_reaped() {
+    let Some(server) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let clock = ManualClock::new();
+    let store = open_with_clock(&server, "rk", &clock);
+    for user in [1_u64, 2] {
+        store
+            .compose("maintenance on Monday", Level::Info)
+            .replace_key("maintenance")
+            .to_user(user)
+            .expect("send");
+    }
+    let lease = store.lease_messages(1_u64).expect("lease");
+    assert_eq!(texts(lease.messages()), ["maintenance on Monday"]);
+    store
+        .compose("maintenance moved to Tuesday", Level::Warning)
+        .replace_key("maintenance")
+        .expires_after(Duration::from_secs(60))
+        .to_everyone()
+        .expect("announce");
+    assert_eq!(
+        texts(&store.get_messages(1_u64).expect("drain")),
+        ["maintenance moved to Tuesday"]
+    );
+
+    clock.advance(Duration::from_secs(61));
+    wait_until("the announcement is reaped", || {
+        store.stats().expect("stats").bulk_records == 0
+    });
+    lease.release();
+    assert_eq!(
+        texts(&store.get_messages(1_u64).expect("drain")),
+        ["maintenance on Monday"]
+    );
+    // A new handle (another process) knows it too.
+    let other = open_with_clock(&server, "rk", &clock);
+    assert!(other.get_messages(2_u64).expect("drain").is_empty());
+    assert!(store.get_messages(2_u64).expect("drain").is_empty());
+    assert!(
+        kinds(&server, "rk")
+            .iter()
+            .all(|kind| kind == "rk" || kind == "rkmax")
+    );
+}

@@ -88,8 +88,9 @@ struct BulkCache {
 /// The cached bulk sends that list one user, with their ids as fields.
 type Candidates = Vec<(String, Arc<CachedBulk>)>;
 
-/// Replace key -> id of the newest announcement with it: every older
-/// message with the key is replaced, for every user.
+/// Replace key -> id of the newest announcement with it: it replaces every
+/// older message with the key, for every user who has not taken it; once
+/// it has expired, for every user.
 type Replaced = HashMap<String, u64>;
 
 /// What a read script ran with: the cache's state and the bulk sends that
@@ -131,11 +132,11 @@ impl CachedBulk {
         }
     }
 
-    /// The commit script's count for it: recipients, or `*` for an
-    /// announcement (never removed by a commit).
+    /// The commit script's count for it: recipients, or `*` ‖ its replace
+    /// key for an announcement (never removed by a commit).
     fn commit_count(&self) -> String {
         if self.everyone {
-            "*".to_owned()
+            format!("*{}", self.message.replace_key.as_deref().unwrap_or(""))
         } else {
             self.recipients.len().to_string()
         }
@@ -143,17 +144,30 @@ impl CachedBulk {
 }
 
 /// Keeps the messages that [`shown`] keeps, in order, less those that a
-/// newer keyed announcement replaced.
-fn only_shown(messages: Vec<Message>, now_ms: u64, replaced: &Replaced) -> Vec<Message> {
+/// newer keyed announcement replaced and that announcement has expired or
+/// is gone. (While it is there, it is among the read's candidates and
+/// `shown` decides: it replaces the older message while the user has not
+/// taken it, and once the user has, a key is free again.)
+/// `took` is the user's `ns:took:u`: keyed announcements they took while
+/// older messages with the key were queued or leased, which then stay.
+fn only_shown(
+    messages: Vec<Message>,
+    now_ms: u64,
+    snapshot: &Snapshot,
+    took: &Replaced,
+) -> Vec<Message> {
     let keep = shown(&messages, now_ms);
     messages
         .into_iter()
         .zip(keep)
         .filter_map(|(message, keep)| {
-            let gone = message
-                .replace_key()
-                .and_then(|key| replaced.get(key))
-                .is_some_and(|newer| *newer > message.id().0);
+            let gone = message.replace_key().is_some_and(|key| {
+                snapshot.replaced.get(key).is_some_and(|newer| {
+                    *newer > message.id().0
+                        && snapshot.bulk(&field(*newer)).is_none()
+                        && took.get(key).is_none_or(|taken| taken < newer)
+                })
+            });
             (keep && !gone).then_some(message)
         })
         .collect()
@@ -496,11 +510,13 @@ impl Shared {
         let timeout_ms = self.common.lease_timeout.as_millis().max(1).to_string();
         let (reply, snapshot) =
             self.run_for_user(&self.scripts.lease, user, &u, &[&token, &timeout_ms])?;
-        let (own, taken) = match reply {
-            Value::Array(mut parts) if parts.len() == 2 => {
-                let taken = parts.pop().unwrap_or_default();
-                let own = parts.pop().unwrap_or_default();
-                (pairs(own), strings(taken))
+        let (own, taken, took) = match reply {
+            Value::Array(parts) if parts.len() == 3 => {
+                let mut parts = parts.into_iter();
+                let own = parts.next().unwrap_or_default();
+                let taken = parts.next().unwrap_or_default();
+                let took = parts.next().unwrap_or_default();
+                (pairs(own), strings(taken), took_map(took))
             }
             other => return Err(self.unexpected(&other)),
         };
@@ -568,7 +584,8 @@ impl Shared {
         lease.messages = only_shown(
             std::mem::take(&mut lease.messages),
             self.common.now_ms(),
-            &snapshot.replaced,
+            &snapshot,
+            &took,
         );
         Ok(Some(lease))
     }
@@ -790,6 +807,14 @@ fn strings(value: Value) -> Vec<String> {
     }
 }
 
+/// The user's `ns:took:u` from a flat `{key, F, ...}` reply.
+fn took_map(value: Value) -> Replaced {
+    pairs(value)
+        .into_iter()
+        .filter_map(|(key, f)| Some((String::from_utf8(key).ok()?, parse_field(&f)?)))
+        .collect()
+}
+
 /// A flat `{field, value, ...}` reply as pairs.
 fn pairs(value: Value) -> Vec<(Vec<u8>, Vec<u8>)> {
     let Value::Array(items) = value else {
@@ -891,10 +916,11 @@ impl Engine for RedisEngine {
             return Err(shared.unexpected(&reply));
         };
         let mut parts = parts.into_iter();
-        let (queued, leased, untaken) = (
+        let (queued, leased, untaken, took) = (
             pairs(parts.next().unwrap_or_default()),
             pairs(parts.next().unwrap_or_default()),
             strings(parts.next().unwrap_or_default()),
+            took_map(parts.next().unwrap_or_default()),
         );
         let bulk_message = |f: &str| {
             let id = parse_field(f.as_bytes())?;
@@ -947,7 +973,8 @@ impl Engine for RedisEngine {
         Ok(only_shown(
             messages,
             shared.common.now_ms(),
-            &snapshot.replaced,
+            &snapshot,
+            &took,
         ))
     }
 

@@ -32,12 +32,18 @@
 //!                                            F ‖ u (own record F of user u) or
 //!                                            F (bulk send or announcement F)
 //! ns:rk          HASH replace key -> F       the newest keyed announcement per
-//!                                            key: it replaces every older message
-//!                                            with the key, for every user, also
-//!                                            after it expired and was reaped (kept:
-//!                                            one entry per key announcements used)
+//!                                            key: once it has expired (also after
+//!                                            it was reaped), it still replaces
+//!                                            every older message with the key, for
+//!                                            every user (kept: one entry per key
+//!                                            announcements used)
 //! ns:rkmax       STRING                      the newest id in ns:rk (caches older
 //!                                            than it are stale)
+//! ns:took:u      HASH replace key -> F       keyed announcement F was taken by
+//!                                            the user while older messages were
+//!                                            queued or leased: its ns:rk mark
+//!                                            spares them (dropped once the user's
+//!                                            queue and leases are empty)
 //! ns:done:T      STRING (expires in 10 s)    lease T was committed (for a retried commit)
 //! ns:sent:T      STRING (expires in 10 s)    send T was stored (for a retried send)
 //! ns:quarantine  LIST of quarantine entries  records that did not decode
@@ -204,7 +210,7 @@ local ns, u, token = ARGV[1], ARGV[2], ARGV[3]
 if stale(ns, KEYS[3], ARGV[5], ARGV[6]) then return 'stale' end
 -- The common case of an empty queue: nothing to reclaim or take.
 if #ARGV < 7 and redis.call('EXISTS', KEYS[1], KEYS[2]) == 0 then
-  return {{}, {}}
+  return {{}, {}, {}}
 end
 local now = now_ms()
 reclaim(ns, KEYS[1], KEYS[2], u, now)
@@ -223,16 +229,18 @@ for i = 7, #ARGV do
     taken[#taken + 1] = f
   end
 end
-return {own, taken}
+return {own, taken, redis.call('HGETALL', ns .. ':took:' .. u)}
 "
     )
 }
 
 /// Commits lease `token`: removes its entries for good, all or none.
 /// KEYS: l, ns:done:token. ARGV: ns, token, u, then pairs (F, recipients
-/// of bulk send F, or 0 for an own record, or '*' for an announcement,
-/// which is never removed here: it stays until it expires). Returns 1
-/// (committed, now or by an earlier try) or 0 (expired: nothing removed).
+/// of bulk send F, or 0 for an own record, or '*' ‖ its replace key for an
+/// announcement, which is never removed here: it stays until it expires).
+/// A keyed announcement taken while the user has other messages queued or
+/// leased is noted in ns:took:u. Returns 1 (committed, now or by an earlier
+/// try) or 0 (expired: nothing removed).
 pub(super) fn commit() -> String {
     format!(
         "{PRELUDE}{}",
@@ -247,12 +255,15 @@ for i = 4, #ARGV, 2 do
     return 0
   end
 end
+local keyed = {}
 for i = 4, #ARGV, 2 do
   local f = ARGV[i]
   local v = redis.call('HGET', KEYS[1], f)
   redis.call('HDEL', KEYS[1], f)
   if string.sub(v, 1, 1) == 'b' then
     local need = tonumber(ARGV[i + 1])
+    local rkey = string.match(ARGV[i + 1], '^%*(.+)$')
+    if rkey then keyed[#keyed + 1] = {rkey, f} end
     -- A bulk send the reaper removed meanwhile has no counter to revive.
     if need and redis.call('EXISTS', ns .. ':b:' .. f) == 1 then
       local committed = redis.call('INCR', ns .. ':bc:' .. f)
@@ -264,6 +275,20 @@ for i = 4, #ARGV, 2 do
     end
   else
     redis.call('ZREM', ns .. ':exp', f .. u)
+  end
+end
+local q, took = ns .. ':q:' .. u, ns .. ':took:' .. u
+if redis.call('EXISTS', q, KEYS[1]) == 0 then
+  redis.call('DEL', took, ns .. ':k:' .. u)
+else
+  -- Older messages with these keys are still queued or leased: for this
+  -- user the announcements no longer replace them (a key is free again
+  -- once delivered), also after they expire.
+  for _, taken in ipairs(keyed) do
+    local before = redis.call('HGET', took, taken[1])
+    if not before or before < taken[2] then
+      redis.call('HSET', took, taken[1], taken[2])
+    end
   end
 end
 redis.call('SET', KEYS[2], '1', 'PX', 10000)
@@ -336,7 +361,8 @@ for i = 5, #ARGV do
     untaken[#untaken + 1] = f
   end
 end
-return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]), untaken}
+return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]), untaken,
+  redis.call('HGETALL', ns .. ':took:' .. u)}
 "
     )
 }
@@ -413,7 +439,10 @@ for _, m in ipairs(due) do
       if v then redis.call('HDEL', l, f) end
       redis.call('ZREM', KEYS[1], m)
     end
-    if redis.call('EXISTS', q) == 0 then redis.call('DEL', ns .. ':k:' .. u) end
+    if redis.call('EXISTS', q) == 0 then
+      redis.call('DEL', ns .. ':k:' .. u)
+      if redis.call('EXISTS', l) == 0 then redis.call('DEL', ns .. ':took:' .. u) end
+    end
   end
 end
 return #due
