@@ -121,15 +121,11 @@ struct CachedBulk {
 }
 
 impl CachedBulk {
-    /// Whether a read of `user`'s queue at `now_ms` looks at it. An expired
-    /// announcement is not (it reaches nobody any more); an expired bulk
-    /// send is, and is then taken unshown, as the other engines' copies.
-    fn lists(&self, user: &UserId, now_ms: u64) -> bool {
-        if self.everyone {
-            !self.message.expired(now_ms)
-        } else {
-            self.recipients.contains(user)
-        }
+    /// Whether a read of `user`'s queue looks at it. An expired one is
+    /// still taken, unshown (until the reaper removes it), so that its
+    /// replace key does what it does in the other engines' queues.
+    fn lists(&self, user: &UserId) -> bool {
+        self.everyone || self.recipients.contains(user)
     }
 
     /// The commit script's count for it: recipients, or `*` ‖ its replace
@@ -144,12 +140,11 @@ impl CachedBulk {
 }
 
 /// Keeps the messages that [`shown`] keeps, in order, less those that a
-/// newer keyed announcement replaced and that announcement has expired or
-/// is gone. (While it is there, it is among the read's candidates and
-/// `shown` decides: it replaces the older message while the user has not
-/// taken it, and once the user has, a key is free again.)
-/// `took` is the user's `ns:took:u`: keyed announcements they took while
-/// older messages with the key were queued or leased, which then stay.
+/// newer keyed announcement (`ns:rk`) replaced, where the announcement is
+/// not in the read itself (then `shown` decides), has not been taken by
+/// the user (`took`, their `ns:took:u`: once delivered, a key is free
+/// again), and has expired or is gone (while it is there and unexpired,
+/// the user holds it in another lease).
 fn only_shown(
     messages: Vec<Message>,
     now_ms: u64,
@@ -157,6 +152,7 @@ fn only_shown(
     took: &Replaced,
 ) -> Vec<Message> {
     let keep = shown(&messages, now_ms);
+    let ids: std::collections::HashSet<u64> = messages.iter().map(|m| m.id().0).collect();
     messages
         .into_iter()
         .zip(keep)
@@ -164,8 +160,11 @@ fn only_shown(
             let gone = message.replace_key().is_some_and(|key| {
                 snapshot.replaced.get(key).is_some_and(|newer| {
                     *newer > message.id().0
-                        && snapshot.bulk(&field(*newer)).is_none()
+                        && !ids.contains(newer)
                         && took.get(key).is_none_or(|taken| taken < newer)
+                        && snapshot
+                            .bulk(&field(*newer))
+                            .is_none_or(|bulk| bulk.message.expired(now_ms))
                 })
             });
             (keep && !gone).then_some(message)
@@ -334,9 +333,8 @@ impl Shared {
         extra: &[&str],
     ) -> Result<(Value, Snapshot)> {
         let (q, l, bulks) = (self.key("q", u), self.key("l", u), self.key("bulks", b""));
-        let now_ms = self.common.now_ms();
         self.with_snapshot(
-            |bulk| bulk.lists(user, now_ms),
+            |bulk| bulk.lists(user),
             |snapshot| {
                 let mut call = script.prepare_invoke();
                 call.key(&q).key(&l).key(&bulks).arg(&self.ns).arg(u);
