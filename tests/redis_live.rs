@@ -426,3 +426,186 @@ fn a_keyed_send_replaces_the_queued_record_in_redis() {
     );
     assert_eq!(hints(&server), 0);
 }
+
+/// Writes a CA and a server certificate for 127.0.0.1 with openssl (as in
+/// `tests/redis_security.rs`).
+fn certificates(dir: &std::path::Path) -> bool {
+    let run = |args: &[&str]| {
+        std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .is_ok_and(|out| out.status.success())
+    };
+    std::fs::write(
+        dir.join("san.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .expect("write san.cnf");
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=async-messages test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    ]) && run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]) && run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.cnf",
+        "-out",
+        "server.crt",
+    ])
+}
+
+/// The subscriber connects as the pool does, also over TLS. The check runs
+/// in a child process that trusts the test CA through `SSL_CERT_FILE`,
+/// which must be set before anything reads the system's certificates.
+#[test]
+fn a_watcher_over_tls_is_woken_too() {
+    if let Ok(url) = std::env::var("ASYNC_MESSAGES_TLS_URL") {
+        let open = || {
+            MessageStore::builder()
+                .redis(&url)
+                .namespace("tls")
+                .open()
+                .expect("open over TLS")
+        };
+        let (watching, sending) = (open(), open());
+        let mut watch = watching.watch("ann").expect("watch over TLS");
+        sending.info("ann", "over TLS").expect("send");
+        assert!(watch.wait_timeout(DEADLINE), "not woken over TLS");
+        assert_eq!(
+            texts(&watching.get_messages("ann").expect("drain")),
+            ["over TLS"]
+        );
+        return;
+    }
+    if std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        common::missing_prerequisite("openssl (to make test certificates) is not installed");
+        return;
+    }
+    let certs = tempfile::tempdir().expect("temporary directory");
+    assert!(
+        certificates(certs.path()),
+        "openssl could not make the test certificates"
+    );
+    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let file = |name: &str| certs.path().join(name).display().to_string();
+    let Some(server) = RedisServer::builder()
+        .arg("--tls-port")
+        .arg(&tls_port.to_string())
+        .arg("--tls-cert-file")
+        .arg(&file("server.crt"))
+        .arg("--tls-key-file")
+        .arg(&file("server.key"))
+        .arg("--tls-ca-cert-file")
+        .arg(&file("ca.crt"))
+        .arg("--tls-auth-clients")
+        .arg("no")
+        .start_or_skip()
+    else {
+        return;
+    };
+    let url = format!("rediss://127.0.0.1:{tls_port}/0");
+    let child = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", "a_watcher_over_tls_is_woken_too", "--nocapture"])
+        .env("ASYNC_MESSAGES_TLS_URL", &url)
+        .env("SSL_CERT_FILE", file("ca.crt"))
+        .output()
+        .expect("run the child");
+    assert!(
+        child.status.success(),
+        "the TLS child failed:\n{}\n{}",
+        String::from_utf8_lossy(&child.stdout),
+        String::from_utf8_lossy(&child.stderr)
+    );
+    // The message really went through this server.
+    assert_eq!(server.command(&["EXISTS", "tls:id"]), ":1");
+}
+
+/// A keyed announcement replaces older messages with its key, also for
+/// users who come only after it expired and was reaped; a user who took
+/// it while an older one was leased gets that one back on release (once
+/// delivered, a key is free again), also after the announcement is gone.
+#[test]
+fn a_keyed_announcement_replaces_older_messages_after_it_is_reaped() {
+    let Some(server) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let clock = ManualClock::new();
+    let store = open_with_clock(&server, "rk", &clock);
+    for user in [1_u64, 2] {
+        store
+            .compose("maintenance on Monday", Level::Info)
+            .replace_key("maintenance")
+            .to_user(user)
+            .expect("send");
+    }
+    let lease = store.lease_messages(1_u64).expect("lease");
+    assert_eq!(texts(lease.messages()), ["maintenance on Monday"]);
+    store
+        .compose("maintenance moved to Tuesday", Level::Warning)
+        .replace_key("maintenance")
+        .expires_after(Duration::from_secs(60))
+        .to_everyone()
+        .expect("announce");
+    assert_eq!(
+        texts(&store.get_messages(1_u64).expect("drain")),
+        ["maintenance moved to Tuesday"]
+    );
+
+    clock.advance(Duration::from_secs(61));
+    wait_until("the announcement is reaped", || {
+        store.stats().expect("stats").bulk_records == 0
+    });
+    lease.release();
+    assert_eq!(
+        texts(&store.get_messages(1_u64).expect("drain")),
+        ["maintenance on Monday"]
+    );
+    // A new handle (another process) knows it too.
+    let other = open_with_clock(&server, "rk", &clock);
+    assert!(other.get_messages(2_u64).expect("drain").is_empty());
+    assert!(store.get_messages(2_u64).expect("drain").is_empty());
+    assert!(
+        kinds(&server, "rk")
+            .iter()
+            .all(|kind| kind == "rk" || kind == "rkmax")
+    );
+}

@@ -31,6 +31,19 @@
 //! ns:exp         ZSET scored by expiry time  what the reaper removes once due:
 //!                                            F ‖ u (own record F of user u) or
 //!                                            F (bulk send or announcement F)
+//! ns:rk          HASH replace key -> F       the newest keyed announcement per
+//!                                            key: once it has expired (also after
+//!                                            it was reaped), it still replaces
+//!                                            every older message with the key, for
+//!                                            every user (kept: one entry per key
+//!                                            announcements used)
+//! ns:rkmax       STRING                      the newest id in ns:rk (caches older
+//!                                            than it are stale)
+//! ns:took:u      HASH replace key -> F       keyed announcement F was taken by
+//!                                            the user while older messages were
+//!                                            queued or leased: its ns:rk mark
+//!                                            spares them (dropped once the user's
+//!                                            queue and leases are empty)
 //! ns:done:T      STRING (expires in 10 s)    lease T was committed (for a retried commit)
 //! ns:sent:T      STRING (expires in 10 s)    send T was stored (for a retried send)
 //! ns:quarantine  LIST of quarantine entries  records that did not decode
@@ -73,37 +86,68 @@ end
 -- Whether the client's cache of bulk sends is out of date: a newer bulk
 -- send exists, or the data set is not the one the cache was read from
 -- (the server lost its data, and ids start again).
+-- A keyed announcement newer than the cache also makes it stale (after
+-- the announcement itself is gone, its key's mark in ns:rk stays).
 local function stale(ns, bulks, known, epoch)
   return redis.call('GET', ns .. ':epoch') ~= epoch
     or #redis.call('ZRANGEBYSCORE', bulks, known, '+inf', 'LIMIT', 0, 1) > 0
+    or (tonumber(redis.call('GET', ns .. ':rkmax')) or 0)
+       > (tonumber(string.sub(known, 2)) or 0)
+end
+-- Bulk send (or announcement) b was replaced for these users by a newer
+-- message with its key: they count as having taken it (and, for a bulk
+-- send, as having committed it; need is its recipient count, nil for an
+-- announcement). Users who hold it in a lease keep it with the lease.
+local function replaced(ns, b, users, need)
+  if #users == 0 or redis.call('EXISTS', ns .. ':b:' .. b) == 0 then return end
+  local added = redis.call('SADD', ns .. ':bt:' .. b, unpack(users))
+  if need and added > 0
+     and redis.call('INCRBY', ns .. ':bc:' .. b, added) >= need then
+    redis.call('DEL', ns .. ':b:' .. b, ns .. ':bt:' .. b, ns .. ':bc:' .. b)
+    redis.call('ZREM', ns .. ':bulks', b)
+    redis.call('ZREM', ns .. ':exp', b)
+  end
 end
 ";
 
 /// One message, or one message for a few users under one id.
-/// KEYS: ns:id, ns:sent:T, ns:exp, then each recipient's ns:q:u. ARGV: ns,
-/// record, expiry time in ms ('' for none), replace key ('' for none), then
-/// each recipient's u (in the order of their KEYS). A keyed send removes
-/// the recipient's queued (not leased) record with the key, if any.
-/// Returns {id, recipients}. A second run with the same token T (a retry
-/// after a lost reply) returns the first run's answer and stores nothing.
-pub(super) const SEND: &str = r"
+/// KEYS: ns:id, ns:sent:T, ns:exp, ns:bulks, then each recipient's ns:q:u.
+/// ARGV: ns, record, expiry time in ms ('' for none), replace key ('' for
+/// none), then for a keyed send '(' ‖ the newest bulk id the client knows
+/// and the epoch of its cache (both '' for an unkeyed send), then each
+/// recipient's u (in the order of their KEYS), then triples (i, F, count):
+/// the older bulk send or announcement F with the same key lists recipient
+/// i (count as for the commit). A keyed send removes the recipient's
+/// queued (not leased) record with the key, if any, and marks those bulk
+/// sends taken by the recipient. Returns 'stale' (nothing done: the client
+/// does not know every bulk send) or {id, recipients}. A second run with
+/// the same token T (a retry after a lost reply) returns the first run's
+/// answer and stores nothing.
+pub(super) fn send() -> String {
+    format!(
+        "{PRELUDE}{}",
+        r"
 local done = redis.call('GET', KEYS[2])
 if done then
   local id, n = string.match(done, '^(%d+):(%d+)$')
   return {tonumber(id), tonumber(n)}
 end
 local ns, record, expires, rkey = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if ARGV[5] ~= '' and stale(ns, KEYS[4], ARGV[5], ARGV[6]) then return 'stale' end
 local id = redis.call('INCR', KEYS[1])
 local f = string.format('%020d', id)
+local users = #KEYS - 4
+local stored = {}
 local n = 0
-for i = 4, #KEYS do
-  local u = ARGV[i + 1]
-  if redis.call('HSETNX', KEYS[i], f, record) == 1 then
+for i = 1, users do
+  local q, u = KEYS[i + 4], ARGV[i + 6]
+  if redis.call('HSETNX', q, f, record) == 1 then
+    stored[i] = true
     n = n + 1
     if rkey ~= '' then
       local k = ns .. ':k:' .. u
       local old = redis.call('HGET', k, rkey)
-      if old and redis.call('HDEL', KEYS[i], old) == 1 then
+      if old and redis.call('HDEL', q, old) == 1 then
         redis.call('ZREM', KEYS[3], old .. u)
       end
       redis.call('HSET', k, rkey, f)
@@ -114,16 +158,26 @@ for i = 4, #KEYS do
     redis.call('PUBLISH', ns .. ':live', u)
   end
 end
+for j = users + 7, #ARGV, 3 do
+  local i = tonumber(ARGV[j])
+  if i and stored[i] then
+    replaced(ns, ARGV[j + 1], {ARGV[i + 6]}, tonumber(ARGV[j + 2]))
+  end
+end
 redis.call('SET', KEYS[2], string.format('%d:%d', id, n), 'PX', 10000)
 return {id, n}
-";
+"
+    )
+}
 
 /// A bulk send or an announcement: one record, visible from the moment it
 /// is added to ns:bulks, in the same step that gives it its id (so ids of
 /// bulk sends are in commit order, which the clients' caches rely on).
 /// KEYS: ns:id, ns:bulks, ns:sent:T, ns:exp. ARGV: ns, record, expiry time
-/// in ms ('' for none). Returns the id; a retry with the same token T
-/// returns the first run's id.
+/// in ms ('' for none), and for a keyed announcement its key ('' else):
+/// the key's mark in ns:rk then names it, as the newest announcement with
+/// the key. Returns the id; a retry with the same token T returns the
+/// first run's id.
 pub(super) const BULK: &str = r"
 local done = redis.call('GET', KEYS[3])
 if done then return tonumber(done) end
@@ -133,6 +187,10 @@ redis.call('SET', ARGV[1] .. ':b:' .. f, ARGV[2])
 redis.call('ZADD', KEYS[2], id, f)
 if ARGV[3] ~= '' then
   redis.call('ZADD', KEYS[4], ARGV[3], f)
+end
+if ARGV[4] ~= '' then
+  redis.call('HSET', ARGV[1] .. ':rk', ARGV[4], f)
+  redis.call('SET', ARGV[1] .. ':rkmax', id)
 end
 redis.call('SET', KEYS[3], string.format('%d', id), 'PX', 10000)
 redis.call('PUBLISH', ARGV[1] .. ':live', '*')
@@ -152,7 +210,7 @@ local ns, u, token = ARGV[1], ARGV[2], ARGV[3]
 if stale(ns, KEYS[3], ARGV[5], ARGV[6]) then return 'stale' end
 -- The common case of an empty queue: nothing to reclaim or take.
 if #ARGV < 7 and redis.call('EXISTS', KEYS[1], KEYS[2]) == 0 then
-  return {{}, {}}
+  return {{}, {}, {}}
 end
 local now = now_ms()
 reclaim(ns, KEYS[1], KEYS[2], u, now)
@@ -171,16 +229,18 @@ for i = 7, #ARGV do
     taken[#taken + 1] = f
   end
 end
-return {own, taken}
+return {own, taken, redis.call('HGETALL', ns .. ':took:' .. u)}
 "
     )
 }
 
 /// Commits lease `token`: removes its entries for good, all or none.
 /// KEYS: l, ns:done:token. ARGV: ns, token, u, then pairs (F, recipients
-/// of bulk send F, or 0 for an own record, or '*' for an announcement,
-/// which is never removed here: it stays until it expires). Returns 1
-/// (committed, now or by an earlier try) or 0 (expired: nothing removed).
+/// of bulk send F, or 0 for an own record, or '*' ‖ its replace key for an
+/// announcement, which is never removed here: it stays until it expires).
+/// A keyed announcement taken while the user has other messages queued or
+/// leased is noted in ns:took:u. Returns 1 (committed, now or by an earlier
+/// try) or 0 (expired: nothing removed).
 pub(super) fn commit() -> String {
     format!(
         "{PRELUDE}{}",
@@ -195,12 +255,15 @@ for i = 4, #ARGV, 2 do
     return 0
   end
 end
+local keyed = {}
 for i = 4, #ARGV, 2 do
   local f = ARGV[i]
   local v = redis.call('HGET', KEYS[1], f)
   redis.call('HDEL', KEYS[1], f)
   if string.sub(v, 1, 1) == 'b' then
     local need = tonumber(ARGV[i + 1])
+    local rkey = string.match(ARGV[i + 1], '^%*(.+)$')
+    if rkey then keyed[#keyed + 1] = {rkey, f} end
     -- A bulk send the reaper removed meanwhile has no counter to revive.
     if need and redis.call('EXISTS', ns .. ':b:' .. f) == 1 then
       local committed = redis.call('INCR', ns .. ':bc:' .. f)
@@ -214,6 +277,20 @@ for i = 4, #ARGV, 2 do
     redis.call('ZREM', ns .. ':exp', f .. u)
   end
 end
+local q, took = ns .. ':q:' .. u, ns .. ':took:' .. u
+if redis.call('EXISTS', q, KEYS[1]) == 0 then
+  redis.call('DEL', took, ns .. ':k:' .. u)
+else
+  -- Older messages with these keys are still queued or leased: for this
+  -- user the announcements no longer replace them (a key is free again
+  -- once delivered), also after they expire.
+  for _, taken in ipairs(keyed) do
+    local before = redis.call('HGET', took, taken[1])
+    if not before or before < taken[2] then
+      redis.call('HSET', took, taken[1], taken[2])
+    end
+  end
+end
 redis.call('SET', KEYS[2], '1', 'PX', 10000)
 return 1
 "
@@ -221,27 +298,51 @@ return 1
 }
 
 /// Releases lease `token`'s entries that it still holds, back into their
-/// place, and tells the live watchers. KEYS: q, l. ARGV: ns, u, token,
-/// then F... Returns how many entries came back.
-pub(super) const RELEASE: &str = r"
+/// place, and tells the live watchers; an entry whose replace key names a
+/// newer record still queued (a keyed send while it was leased) is
+/// dropped instead, as replaced. KEYS: q, l. ARGV: ns, u, token, then
+/// triples (F, replace key or '', count as for the commit). Returns how
+/// many entries came back.
+pub(super) fn release() -> String {
+    format!(
+        "{PRELUDE}{}",
+        r"
 local ns, u, token = ARGV[1], ARGV[2], ARGV[3]
 local back = 0
-for i = 4, #ARGV do
-  local f = ARGV[i]
+for i = 4, #ARGV, 3 do
+  local f, rkey = ARGV[i], ARGV[i + 1]
   local v = redis.call('HGET', KEYS[2], f)
   if v and string.sub(v, 2, 21) == token then
+    local newer = rkey ~= '' and redis.call('HGET', ns .. ':k:' .. u, rkey)
+    local gone = newer and newer > f and redis.call('HEXISTS', KEYS[1], newer) == 1
+    redis.call('HDEL', KEYS[2], f)
     if string.sub(v, 1, 1) == 'd' then
-      redis.call('HSET', KEYS[1], f, string.sub(v, 42))
+      if gone then
+        redis.call('ZREM', ns .. ':exp', f .. u)
+      else
+        redis.call('HSET', KEYS[1], f, string.sub(v, 42))
+        back = back + 1
+      end
+    elseif gone then
+      -- Stays taken, and counts as committed.
+      local need = tonumber(ARGV[i + 2])
+      if need and redis.call('EXISTS', ns .. ':b:' .. f) == 1
+         and redis.call('INCR', ns .. ':bc:' .. f) >= need then
+        redis.call('DEL', ns .. ':b:' .. f, ns .. ':bt:' .. f, ns .. ':bc:' .. f)
+        redis.call('ZREM', ns .. ':bulks', f)
+        redis.call('ZREM', ns .. ':exp', f)
+      end
     else
       redis.call('SREM', ns .. ':bt:' .. f, u)
+      back = back + 1
     end
-    redis.call('HDEL', KEYS[2], f)
-    back = back + 1
   end
 end
 if back > 0 then redis.call('PUBLISH', ns .. ':live', u) end
 return back
-";
+"
+    )
+}
 
 /// Reads without changing anything. KEYS: q, l, bulks. ARGV: ns, u,
 /// '(' ‖ newest known bulk id, epoch, then candidate F... Returns 'stale' or
@@ -260,7 +361,8 @@ for i = 5, #ARGV do
     untaken[#untaken + 1] = f
   end
 end
-return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]), untaken}
+return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]), untaken,
+  redis.call('HGETALL', ns .. ':took:' .. u)}
 "
     )
 }
@@ -337,10 +439,47 @@ for _, m in ipairs(due) do
       if v then redis.call('HDEL', l, f) end
       redis.call('ZREM', KEYS[1], m)
     end
-    if redis.call('EXISTS', q) == 0 then redis.call('DEL', ns .. ':k:' .. u) end
+    if redis.call('EXISTS', q) == 0 then
+      redis.call('DEL', ns .. ':k:' .. u)
+      if redis.call('EXISTS', l) == 0 then redis.call('DEL', ns .. ':took:' .. u) end
+    end
   end
 end
 return #due
+"
+    )
+}
+
+/// After a keyed bulk send F: removes each listed recipient's queued own
+/// record with the key, if it is older than F. KEYS: ns:exp. ARGV: ns,
+/// replace key, F, then u...
+pub(super) const REPLACE_OWN: &str = r"
+local ns, rkey, x = ARGV[1], ARGV[2], ARGV[3]
+for i = 4, #ARGV do
+  local u = ARGV[i]
+  local k = ns .. ':k:' .. u
+  local old = redis.call('HGET', k, rkey)
+  if old and old < x then
+    if redis.call('HDEL', ns .. ':q:' .. u, old) == 1 then
+      redis.call('ZREM', KEYS[1], old .. u)
+    end
+    redis.call('HDEL', k, rkey)
+  end
+end
+return 1
+";
+
+/// After a keyed bulk send: marks the older bulk send or announcement F
+/// with the key taken by the listed users, its recipients too. ARGV: ns,
+/// F, count (as for the commit), then u...
+pub(super) fn replace_bulk() -> String {
+    format!(
+        "{PRELUDE}{}",
+        r"
+local users = {}
+for i = 4, #ARGV do users[#users + 1] = ARGV[i] end
+replaced(ARGV[1], ARGV[2], users, tonumber(ARGV[3]))
+return 1
 "
     )
 }
