@@ -129,6 +129,7 @@ impl SledEngine {
             refs: Mutex::new(HashMap::new()),
             last_reap: Mutex::new(Instant::now()),
             filler_budget: AtomicU64::new(0),
+            deferred: Mutex::new(Vec::new()),
             backend,
             _registration: registration,
         };
@@ -236,6 +237,9 @@ struct Inner {
     last_reap: Mutex<Instant>,
     /// Bytes of filler the reaper may still write (see `Inner::settle`).
     filler_budget: AtomicU64,
+    /// Recipients of reaped bulk sends whose lease held the message when
+    /// the reaper passed them: settled once the lease ends.
+    deferred: Mutex<Vec<(Arc<Bulk>, Vec<u8>)>>,
     backend: Backend,
     _registration: Registration,
 }
@@ -859,11 +863,15 @@ impl Inner {
     /// send, each recipient is then settled under their lock stripe, where
     /// the mark on disk tells whether a drain took it (and took it off the
     /// index) — a drain that read the list before holds that stripe while
-    /// it writes its mark. One case over-counts, accepted as rare and
-    /// harmless (a request of that index slot reads the disk, until the
-    /// next open): a recipient whose lease held the message when it was
-    /// reaped, and was then released instead of committed.
+    /// it writes its mark (and a drain that learns afterwards that the
+    /// record was reaped leaves its mark for this pass). A recipient whose
+    /// lease holds the message is settled when the lease ends (see
+    /// [`settle_deferred`](Self::settle_deferred)). The index then stays
+    /// exact; only a drain whose final flush fails after the pass may leave
+    /// an over-count (rare and harmless: requests of that index slot read
+    /// the disk until the next open).
     fn reap_bulks(&self, now_ms: u64, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
+        self.settle_deferred()?;
         let expired: Vec<Arc<Bulk>> = self
             .bulks
             .snapshot()
@@ -912,7 +920,9 @@ impl Inner {
                         .get(mark.as_slice())
                         .is_some_and(|(_, deadline)| *deadline > now);
                 if leased {
-                    // A commit takes it off the index; a release leaves it.
+                    // Settled when the lease ends: a commit takes it off the
+                    // index, a release leaves that to the reaper.
+                    self.deferred.lock().push((bulk.clone(), prefix));
                     continue;
                 }
                 self.index.sub(slot, 1);
@@ -922,6 +932,39 @@ impl Inner {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Settles the recipients of reaped bulk sends whose lease held the
+    /// message when the reaper passed them, once that lease has ended: a
+    /// commit wrote a mark (and took the message off the index), which
+    /// goes; otherwise the message comes off the index now.
+    fn settle_deferred(&self) -> Result<()> {
+        let deferred = std::mem::take(&mut *self.deferred.lock());
+        let mut waiting = Vec::new();
+        for (bulk, prefix) in deferred {
+            let slot = self.index.slot(&prefix);
+            let mark = key::message_key(&prefix, bulk.id);
+            let _settle = self.stripe(slot).lock();
+            if self.backend.take_message(&mark)? {
+                continue;
+            }
+            let now = Instant::now();
+            let leased = self
+                .leased
+                .lock()
+                .get(mark.as_slice())
+                .is_some_and(|(_, deadline)| *deadline > now);
+            if leased {
+                waiting.push((bulk, prefix));
+            } else {
+                self.index.sub(slot, 1);
+                if let Some(replace_key) = &bulk.message.replace_key {
+                    self.replace_older_locked(&prefix, slot, replace_key, bulk.id)?;
+                }
+            }
+        }
+        self.deferred.lock().extend(waiting);
         Ok(())
     }
 
@@ -1311,9 +1354,13 @@ impl Inner {
         }
         for (bulk, mark) in &collected.bulks {
             if !bulk.note_taken(user) {
-                // Reaped meanwhile: this mark is no longer needed.
-                if let Err(error) = self.backend.remove_message(mark) {
-                    tracing::warn!(%error, "could not remove the mark of a reaped bulk send; it is removed at the next open");
+                // Reaped meanwhile. A bulk send's mark tells the reaper
+                // that this drain took it off the index: the reaper
+                // removes it. An announcement's is not needed any more.
+                if bulk.everyone
+                    && let Err(error) = self.backend.remove_message(mark)
+                {
+                    tracing::warn!(%error, "could not remove the mark of a reaped announcement; it is removed at the next open");
                 }
             } else if bulk.due() {
                 self.maintenance.fold(bulk.id);
