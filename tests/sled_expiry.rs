@@ -479,20 +479,20 @@ fn expiry_crash_child() -> Result<()> {
             .replace_key(format!("k{}", seq % 3))
             .expires_after(Duration::from_millis(300 + seq % 700))
             .to_user(user)?;
-        if seq % 7 == 0 {
+        if seq.is_multiple_of(7) {
             store
                 .compose(format!("s{seq}"), Level::Info)
                 .expires_after(Duration::from_millis(500))
                 .to_users((0..300_u64).map(|u| u + user))?;
         }
-        if seq % 50 == 0 {
+        if seq.is_multiple_of(50) {
             let id = store
                 .compose(format!("a{seq}"), Level::Info)
                 .expires_after(Duration::from_secs(2))
                 .to_everyone()?;
             common::child::say(format!("announced {}", id.get()));
         }
-        if seq % 3 == 0 {
+        if seq.is_multiple_of(3) {
             let taken = store.get_messages(user)?;
             let ids: Vec<String> = taken.iter().map(|m| m.id().get().to_string()).collect();
             common::child::say(format!("drained {user} {}", ids.join(",")));

@@ -880,56 +880,77 @@ impl Inner {
             .cloned()
             .collect();
         for bulk in expired {
-            // Marks of drains finishing from now on are removed by them.
-            let marked = bulk.kill();
-            self.bulks.remove(bulk.id);
-            self.backend.remove_bulk(bulk.id)?;
-            // Roughly what went: the text, about 2 bytes per listed user,
-            // and the marks.
-            let bytes = (bulk.message.text.len() as u64)
-                .saturating_add(bulk.recipients().len().saturating_mul(2))
-                .saturating_add((marked.len()).saturating_mul(32));
-            self.filler_budget
-                .fetch_add(bytes / FILLER_SHARE, Ordering::AcqRel);
-            if bulk.everyone {
-                for user in marked.users() {
-                    let prefix = key::user_prefix(&user)?;
-                    self.backend
-                        .remove_message(&key::message_key(&prefix, bulk.id))?;
-                }
+            if self.retire_bulk(&bulk)? {
+                self.settle_recipients(&bulk, stop)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes an expired bulk record out of the list and off the disk; for
+    /// an announcement also removes its marks. `true` for a bulk send,
+    /// whose recipients [`settle_recipients`](Self::settle_recipients)
+    /// settles next.
+    fn retire_bulk(&self, bulk: &Arc<Bulk>) -> Result<bool> {
+        // Drains finishing from now on learn that it was reaped.
+        let marked = bulk.kill();
+        self.bulks.remove(bulk.id);
+        self.backend.remove_bulk(bulk.id)?;
+        // Roughly what went: the text, about 2 bytes per listed user,
+        // and the marks.
+        let bytes = (bulk.message.text.len() as u64)
+            .saturating_add(bulk.recipients().len().saturating_mul(2))
+            .saturating_add((marked.len()).saturating_mul(32));
+        self.filler_budget
+            .fetch_add(bytes / FILLER_SHARE, Ordering::AcqRel);
+        if bulk.everyone {
+            for user in marked.users() {
+                let prefix = key::user_prefix(&user)?;
+                self.backend
+                    .remove_message(&key::message_key(&prefix, bulk.id))?;
+            }
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// After [`retire_bulk`](Self::retire_bulk): settles each recipient of
+    /// a bulk send, under their lock stripe (see [`reap_bulks`](Self::reap_bulks)).
+    fn settle_recipients(
+        &self,
+        bulk: &Arc<Bulk>,
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> Result<()> {
+        for user in bulk.recipients().users() {
+            if stop.load(Ordering::Acquire) {
+                // The index over-counts the rest until the next open.
+                return Ok(());
+            }
+            let prefix = key::user_prefix(&user)?;
+            let slot = self.index.slot(&prefix);
+            let mark = key::message_key(&prefix, bulk.id);
+            let _settle = self.stripe(slot).lock();
+            if self.backend.take_message(&mark)? {
+                // Taken: that drain took it off the index.
                 continue;
             }
-            for user in bulk.recipients().users() {
-                if stop.load(Ordering::Acquire) {
-                    // The index over-counts the rest until the next open.
-                    return Ok(());
-                }
-                let prefix = key::user_prefix(&user)?;
-                let slot = self.index.slot(&prefix);
-                let mark = key::message_key(&prefix, bulk.id);
-                let _settle = self.stripe(slot).lock();
-                if self.backend.take_message(&mark)? {
-                    // Taken: that drain took it off the index.
-                    continue;
-                }
-                let now = Instant::now();
-                let leased = self.leased_count.load(Ordering::Acquire) > 0
-                    && self
-                        .leased
-                        .lock()
-                        .get(mark.as_slice())
-                        .is_some_and(|(_, deadline)| *deadline > now);
-                if leased {
-                    // Settled when the lease ends: a commit takes it off the
-                    // index, a release leaves that to the reaper.
-                    self.deferred.lock().push((bulk.clone(), prefix));
-                    continue;
-                }
-                self.index.sub(slot, 1);
-                if let Some(replace_key) = &bulk.message.replace_key {
-                    // As if it had replaced them when it was sent.
-                    self.replace_older_locked(&prefix, slot, replace_key, bulk.id)?;
-                }
+            let now = Instant::now();
+            let leased = self.leased_count.load(Ordering::Acquire) > 0
+                && self
+                    .leased
+                    .lock()
+                    .get(mark.as_slice())
+                    .is_some_and(|(_, deadline)| *deadline > now);
+            if leased {
+                // Settled when the lease ends: a commit takes it off the
+                // index, a release leaves that to the reaper.
+                self.deferred.lock().push((bulk.clone(), prefix));
+                continue;
+            }
+            self.index.sub(slot, 1);
+            if let Some(replace_key) = &bulk.message.replace_key {
+                // As if it had replaced them when it was sent.
+                self.replace_older_locked(&prefix, slot, replace_key, bulk.id)?;
             }
         }
         Ok(())
@@ -1622,5 +1643,128 @@ impl Inner {
         }
         tracing::debug!(records, "opened the message store");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The reaper's races with drains and leases, played in a fixed order.
+
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::live::Notifier;
+
+    const HOUR_MS: u64 = 3_600_000;
+
+    /// A store with one index slot, so that `may_have` shows the total count.
+    fn open(dir: &Path, clock: &ManualClock) -> SledEngine {
+        SledEngine::open(SledOptions {
+            path: dir.to_path_buf(),
+            durability: Durability::Periodic(Duration::from_millis(100)),
+            cache_bytes: 16 << 20,
+            lock_timeout: Duration::from_secs(5),
+            index_slots: 1,
+            disk_reserve: 0,
+            skip_fdatasync: true,
+            intake_pause: Duration::ZERO,
+            common: Common {
+                lease_timeout: Duration::from_secs(60),
+                rules: Rules::default(),
+                clock: Arc::new(clock.clone()),
+                notifier: Arc::new(Notifier::default()),
+            },
+        })
+        .expect("open")
+    }
+
+    fn message(text: &str, expires_at_ms: Option<u64>) -> Outgoing {
+        Outgoing {
+            text: text.to_owned(),
+            level: crate::Level::Info,
+            sent_at_ms: 0,
+            expires_at_ms,
+            replace_key: None,
+        }
+    }
+
+    /// An anchor message and a bulk send to 300 users that expires in an
+    /// hour; the clock is then past its expiry.
+    fn setup(engine: &SledEngine, clock: &ManualClock) -> Arc<Bulk> {
+        let now = crate::clock::now_ms(clock);
+        engine
+            .send(&UserId::Int(1_000), &message("anchor", None))
+            .expect("send");
+        let mut users = Recipients::default();
+        for user in 0..300 {
+            users.push(UserId::Int(user));
+        }
+        engine
+            .send_bulk(users, &message("bulk", Some(now + HOUR_MS)))
+            .expect("bulk send");
+        engine.inner.bulks.snapshot()[0].clone()
+    }
+
+    /// Only the anchor is counted: the index is exact.
+    fn assert_exact(engine: &SledEngine) {
+        let anchor = UserId::Int(1_000);
+        assert!(engine.may_have(&anchor), "the index under-counts");
+        assert_eq!(engine.drain(&anchor).expect("drain").len(), 1);
+        assert!(!engine.may_have(&anchor), "the index over-counts");
+    }
+
+    #[test]
+    fn a_lease_committed_between_retiring_and_settling_is_counted_once() {
+        let dir = tempfile::tempdir().expect("dir");
+        let clock = ManualClock::new();
+        let engine = open(dir.path(), &clock);
+        let bulk = setup(&engine, &clock);
+        let lease = engine.lease(&UserId::Int(5)).expect("lease");
+        assert_eq!(lease.messages().len(), 1);
+        clock.advance(Duration::from_millis(HOUR_MS));
+        let inner = &engine.inner;
+        assert!(inner.retire_bulk(&bulk).expect("retire"));
+        assert_eq!(lease.commit().expect("commit").len(), 1);
+        inner
+            .settle_recipients(&bulk, &AtomicBool::new(false))
+            .expect("settle");
+        inner.settle_deferred().expect("deferred");
+        assert!(inner.deferred.lock().is_empty());
+        assert_exact(&engine);
+    }
+
+    #[test]
+    fn a_lease_held_while_settling_is_settled_when_it_ends() {
+        for commit in [true, false] {
+            let dir = tempfile::tempdir().expect("dir");
+            let clock = ManualClock::new();
+            let engine = open(dir.path(), &clock);
+            let bulk = setup(&engine, &clock);
+            let lease = engine.lease(&UserId::Int(5)).expect("lease");
+            clock.advance(Duration::from_millis(HOUR_MS));
+            let inner = &engine.inner;
+            assert!(inner.retire_bulk(&bulk).expect("retire"));
+            inner
+                .settle_recipients(&bulk, &AtomicBool::new(false))
+                .expect("settle");
+            assert_eq!(inner.deferred.lock().len(), 1, "user 5 waits");
+            inner.settle_deferred().expect("deferred");
+            assert_eq!(inner.deferred.lock().len(), 1, "still leased");
+            if commit {
+                assert_eq!(lease.commit().expect("commit").len(), 1);
+            } else {
+                lease.release();
+            }
+            inner.settle_deferred().expect("deferred");
+            assert!(inner.deferred.lock().is_empty());
+            assert_exact(&engine);
+            let mark =
+                key::message_key(&key::user_prefix(&UserId::Int(5)).expect("prefix"), bulk.id);
+            assert!(
+                inner.backend.get_message(&mark).expect("get").is_none(),
+                "the mark is gone"
+            );
+        }
     }
 }
