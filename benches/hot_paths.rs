@@ -103,11 +103,65 @@ fn message_users(c: &mut Criterion) {
     group.finish();
 }
 
+/// Issue 12's paths: a keyed send that replaces the queued message, a send
+/// with an expiry, and reads while an announcement is live.
+fn compose(c: &mut Criterion) {
+    let mut group = c.benchmark_group("compose");
+    group.throughput(Throughput::Elements(1));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = open(&dir, periodic());
+    let mut count = 0_u64;
+    group.bench_function("replace_key_same_user", |b| {
+        b.iter(|| {
+            count += 1;
+            black_box(
+                store
+                    .compose(format!("{count} new comments"), Level::Info)
+                    .replace_key("comments")
+                    .to_user(1_u64)
+                    .expect("keyed send"),
+            )
+        });
+    });
+    assert_eq!(store.count(1_u64).expect("count"), 1, "one message left");
+    let mut user = 1_u64 << 40;
+    group.bench_function("expires_after", |b| {
+        b.iter(|| {
+            user += 1;
+            black_box(
+                store
+                    .compose(TEXT, Level::Info)
+                    .expires_after(Duration::from_secs(3600))
+                    .to_user(user)
+                    .expect("send"),
+            )
+        });
+    });
+    store
+        .compose("Maintenance tonight from 22:00", Level::Warning)
+        .expires_after(Duration::from_secs(3600))
+        .to_everyone()
+        .expect("announcement");
+    let mut visitor = 1_u64 << 42;
+    group.bench_function("first_drain_with_announcement", |b| {
+        b.iter(|| {
+            visitor += 1;
+            let got = store.get_messages(visitor).expect("drain");
+            assert_eq!(got.len(), 1);
+            got
+        });
+    });
+    group.bench_function("drain_after_announcement_taken", |b| {
+        b.iter(|| black_box(store.get_messages(visitor).expect("drain")));
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = message_user, get_messages, message_users
+    targets = message_user, get_messages, message_users, compose
 }
 criterion_main!(benches);

@@ -1,6 +1,7 @@
 //! A web app to click through: log in, send messages to users, start a
-//! "report" that finishes a second later, and see each message once, on the
-//! next page.
+//! "report" that finishes a second later, and see each message once: on the
+//! next page, or at once on a page that is open (`GET /events`, server-sent
+//! events through [`LiveMessages`]).
 //!
 //! ```text
 //! cargo run --example web_demo --features axum
@@ -39,7 +40,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use async_messages::{DeliveryMode, Level, Message, MessageStore, Messages, MessagesLayer, UserId};
+use async_messages::{
+    DeliveryMode, Level, LiveMessages, Message, MessageStore, Messages, MessagesLayer, UserId,
+};
 use axum::Router;
 use axum::extract::{Form, State};
 use axum::http::{HeaderMap, StatusCode, header, request::Parts};
@@ -129,6 +132,7 @@ pub fn app_with_mode(store: MessageStore, mode: DeliveryMode) -> Router {
         .route("/logout", post(logout))
         .route("/send", post(send))
         .route("/report", post(report))
+        .route("/events", get(events))
         .layer(layer)
         .with_state(AppState { store, sessions })
 }
@@ -141,6 +145,20 @@ async fn index(
     let user = state.sessions.user(&headers);
     let shown: Vec<&Message> = messages.iter().collect();
     Html(page(user.as_deref(), &shown))
+}
+
+/// The logged-in user's messages as server-sent events, for the page's
+/// `EventSource`; 401 for an anonymous request. The layer does not take
+/// messages for this request (`Accept: text/event-stream` is not a page
+/// navigation): the stream leases them itself, and a message it hands to
+/// the server is not shown again by the next page.
+async fn events(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    match state.sessions.user(&headers) {
+        Some(user) => LiveMessages::new(state.store.clone(), user)
+            .last_event_id(&headers)
+            .into_response(),
+        None => StatusCode::UNAUTHORIZED.into_response(),
+    }
 }
 
 /// A page that fails after taking the messages. With
@@ -247,6 +265,31 @@ fn escape(text: &str) -> String {
     out
 }
 
+/// Shows live messages as they arrive, as text (`textContent` and text
+/// nodes, never `innerHTML`, so a message's markup stays visible text).
+const LIVE_SCRIPT: &str = r#"<script>
+const source = new EventSource("/events");
+source.onmessage = (event) => {
+  const message = JSON.parse(event.data);
+  const item = document.createElement("li");
+  item.className = "message message-" + message.level + " live";
+  item.id = "message-" + message.id;
+  const level = document.createElement("span");
+  level.className = "level";
+  level.textContent = message.level;
+  item.append(level, document.createTextNode(message.text));
+  document.getElementById("messages").append(item);
+  const none = document.getElementById("no-messages");
+  if (none) none.remove();
+};
+// Leaving the page: stop taking messages, so that one sent meanwhile (by
+// the form being submitted, say) is shown by the next page, not this one.
+const stop = () => source.close();
+document.addEventListener("submit", stop);
+window.addEventListener("pagehide", stop);
+</script>
+"#;
+
 const STYLE: &str = "
 body { font-family: system-ui, sans-serif; max-width: 42rem; margin: 2rem auto; padding: 0 1rem; }
 ul.messages { list-style: none; padding: 0; }
@@ -271,8 +314,10 @@ fn page(user: Option<&str>, messages: &[&Message]) -> String {
     );
     if messages.is_empty() {
         html.push_str("<p id=\"no-messages\">No new messages.</p>\n");
-    } else {
-        html.push_str("<ul class=\"messages\">\n");
+    }
+    // Always there when logged in: live messages are added to it.
+    if !messages.is_empty() || user.is_some() {
+        html.push_str("<ul class=\"messages\" id=\"messages\">\n");
         for message in messages {
             let level = message.level().as_str();
             let _ = writeln!(
@@ -290,9 +335,10 @@ fn page(user: Option<&str>, messages: &[&Message]) -> String {
                 "<p id=\"whoami\">Logged in as <b>{}</b>.</p>\n\
                  <form method=\"post\" action=\"/logout\"><button id=\"logout\">Log out</button></form>\n\
                  <form method=\"post\" action=\"/report\"><button id=\"report\">Build my report</button> \
-                 (a background job tells you when it is ready; reload after a second)</form>\n",
+                 (a background job tells you when it is ready, on this page)</form>\n",
                 escape(user)
             );
+            html.push_str(LIVE_SCRIPT);
         }
         None => html.push_str(
             "<form method=\"post\" action=\"/login\"><label>User name \

@@ -43,9 +43,9 @@ impl Clock for SystemClock {
 /// store
 ///     .compose("Lunch is in the kitchen", Level::Info)
 ///     .expires_after(Duration::from_secs(3600))
-///     .to_user(7)?;
+///     .to_user(7_u64)?;
 /// clock.advance(Duration::from_secs(3601));
-/// assert!(store.get_messages(7)?.is_empty());
+/// assert!(store.get_messages(7_u64)?.is_empty());
 /// # Ok::<(), async_messages::Error>(())
 /// ```
 #[derive(Debug, Clone)]

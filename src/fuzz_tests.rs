@@ -51,15 +51,12 @@ fn record_like() -> impl Strategy<Value = Vec<u8>> {
                     level,
                     sent_at_ms: at,
                     expires_at_ms: (at % 2 == 0).then_some(at / 2),
-                    replace_key: (at % 3 == 0).then(|| text.clone()).filter(|k| !k.is_empty()),
+                    replace_key: (at % 3 == 0)
+                        .then(|| text.clone())
+                        .filter(|k| !k.is_empty()),
                     text,
                 };
-                damage(
-                    record::encode_inline(&message),
-                    index,
-                    byte,
-                    how + 1,
-                )
+                damage(record::encode_inline(&message), index, byte, how + 1)
             }),
     ]
 }

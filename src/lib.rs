@@ -128,6 +128,8 @@ mod message;
 mod recipients;
 mod record;
 mod spool;
+#[cfg(feature = "axum")]
+mod sse;
 mod store;
 mod user;
 
@@ -140,6 +142,8 @@ pub use level::Level;
 pub use live::Watch;
 pub use message::{BulkSend, Message, MessageId, Progress};
 pub use record::QuarantinedRecord;
-pub use spool::Spool;
+pub use spool::{Spool, SpoolDraft};
+#[cfg(feature = "axum")]
+pub use sse::LiveMessages;
 pub use store::{Builder, Draft, Durability, Lease, MessageStore, Stats};
 pub use user::UserId;

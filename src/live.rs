@@ -76,12 +76,12 @@ impl Notifier {
 /// # use async_messages::MessageStore;
 /// # use std::time::Duration;
 /// let store = MessageStore::in_memory();
-/// let mut watch = store.watch(7)?;
+/// let mut watch = store.watch(7_u64)?;
 /// let sender = store.clone();
-/// std::thread::spawn(move || sender.info(7, "Your report is ready"));
+/// std::thread::spawn(move || sender.info(7_u64, "Your report is ready"));
 /// let mut shown = Vec::new();
 /// while shown.is_empty() {
-///     shown = store.get_messages(7)?;
+///     shown = store.get_messages(7_u64)?;
 ///     if shown.is_empty() {
 ///         watch.wait_timeout(Duration::from_secs(5));
 ///     }
@@ -117,11 +117,9 @@ impl Watch {
         }
     }
 
-    fn rearm(&mut self) -> EventListener {
-        std::mem::replace(
-            &mut self.listener,
-            self.notifier.buckets[self.bucket].listen(),
-        )
+    /// A fresh listener in place of the one that fired.
+    fn rearm(&mut self) {
+        self.listener = self.notifier.buckets[self.bucket].listen();
     }
 
     /// Blocks until a wake-up or until `timeout` has passed; `true` on a
@@ -136,7 +134,7 @@ impl Watch {
         if woken {
             // The listener made while waiting may already hold this very
             // wake-up; a fresh one after reading is what the caller needs.
-            let _ = self.rearm();
+            self.rearm();
         }
         woken
     }
@@ -144,6 +142,6 @@ impl Watch {
     /// Waits until a wake-up (async, for any executor). Then read the queue.
     pub async fn changed(&mut self) {
         (&mut self.listener).await;
-        let _ = self.rearm();
+        self.rearm();
     }
 }

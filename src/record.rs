@@ -264,8 +264,7 @@ pub(crate) fn decode_bulk(bytes: &[u8]) -> Result<BulkRecord, String> {
     } else {
         bincode::serde::decode_from_slice::<BulkHeader, _>(body, config())
     };
-    let (header, used) =
-        decoded.map_err(|e| format!("the bulk record does not decode: {e}"))?;
+    let (header, used) = decoded.map_err(|e| format!("the bulk record does not decode: {e}"))?;
     let mut rest = body.get(used..).unwrap_or_default();
     let ints = roaring::RoaringTreemap::deserialize_from(&mut rest)
         .map_err(|e| format!("the bulk record's recipient set does not decode: {e}"))?;
@@ -343,7 +342,10 @@ mod tests {
             message("hi", None, None),
             message("hi", Some(9), Some("report:42")),
         ] {
-            assert_eq!(decode_record(&encode_inline(&m)), Ok(Record::Inline(m.clone())));
+            assert_eq!(
+                decode_record(&encode_inline(&m)),
+                Ok(Record::Inline(m.clone()))
+            );
             assert_eq!(decode_text(&encode_text(&m)), Ok(m));
         }
         assert_eq!(decode_record(&encode_shared()), Ok(Record::Shared));
@@ -394,7 +396,10 @@ mod tests {
         let Ok(Record::Inline(old)) = decode_record(&inline) else {
             panic!("a version 1 record does not decode: {inline:?}");
         };
-        assert_eq!((old.text.as_str(), old.expires_at_ms, old.replace_key), ("old", None, None));
+        assert_eq!(
+            (old.text.as_str(), old.expires_at_ms, old.replace_key),
+            ("old", None, None)
+        );
         let text = v1(&|| {
             bincode::serde::encode_to_vec(
                 v1::SharedText {

@@ -4,10 +4,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::clock::{Clock, SystemClock};
 use crate::engine::memory::MemoryEngine;
 use crate::engine::sled::{SledEngine, SledOptions};
 use crate::engine::{Common, Engine, LeaseState, Outgoing, Rules};
-use crate::clock::{Clock, SystemClock};
 use crate::live::{Notifier, Watch};
 use crate::message::{BulkSend, MessageId, Progress};
 use crate::recipients::{Recipients, THRESHOLD};
@@ -652,13 +652,13 @@ impl MessageStore {
     ///     .compose("Your report is ready", Level::Success)
     ///     .expires_after(Duration::from_secs(3600))
     ///     .replace_key("report:42")
-    ///     .to_user(7)?;
+    ///     .to_user(7_u64)?;
     /// // The job ran again: the newer message replaces the queued one.
     /// store
     ///     .compose("Your report is ready (updated)", Level::Success)
     ///     .replace_key("report:42")
-    ///     .to_user(7)?;
-    /// let shown = store.get_messages(7)?;
+    ///     .to_user(7_u64)?;
+    /// let shown = store.get_messages(7_u64)?;
     /// assert_eq!(shown.len(), 1);
     /// assert_eq!(shown[0].text(), "Your report is ready (updated)");
     ///
@@ -829,10 +829,7 @@ impl Draft<'_> {
     ///
     /// # Errors
     /// As for [`to_user`](Self::to_user).
-    pub fn to_users<U: Into<UserId>>(
-        self,
-        users: impl IntoIterator<Item = U>,
-    ) -> Result<BulkSend> {
+    pub fn to_users<U: Into<UserId>>(self, users: impl IntoIterator<Item = U>) -> Result<BulkSend> {
         self.to_users_with_progress(users, |_| {})
     }
 

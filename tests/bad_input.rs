@@ -128,10 +128,235 @@ fn an_over_long_user_id_mid_list_rolls_back_the_whole_send(engine: Engine) -> Re
     check(&store)
 }
 
+// ------------------------------------------- replace keys and expiries
+
+/// The [`seed`] messages, a keyed message for user 2 (key "report") and
+/// an announcement.
+fn seed_keyed(store: &MessageStore) -> Result<()> {
+    seed(store)?;
+    store
+        .compose("kept keyed", Level::Info)
+        .replace_key("report")
+        .to_user(2_u64)?;
+    store
+        .compose("kept announcement", Level::Info)
+        .to_everyone()?;
+    Ok(())
+}
+
+/// The [`seed_keyed`] messages are all there and nothing else is (without
+/// draining them).
+fn assert_kept_keyed(store: &MessageStore) -> Result<()> {
+    assert_eq!(
+        texts(&store.peek(1_u64)?),
+        ["kept 1", "kept 2", "kept announcement"]
+    );
+    assert_eq!(
+        texts(&store.peek("ann")?),
+        ["kept ann", "kept announcement"]
+    );
+    assert_eq!(
+        texts(&store.peek(2_u64)?),
+        ["kept keyed", "kept announcement"]
+    );
+    for user in [3_u64, 299] {
+        assert_eq!(texts(&store.peek(user)?), ["kept announcement"], "{user}");
+    }
+    assert_eq!(texts(&store.peek("newcomer")?), ["kept announcement"]);
+    Ok(())
+}
+
+/// The error's message is one sentence in the crate's style (lower case
+/// first, no line break, no debug output), saying that nothing was stored,
+/// and containing each of `words`.
+fn assert_sentence(error: &Error, words: &[&str]) {
+    let sentence = error.to_string();
+    assert!(
+        sentence.starts_with(|c: char| c.is_ascii_lowercase()),
+        "{sentence}"
+    );
+    assert!(
+        !sentence.contains('\n') && !sentence.contains('{'),
+        "{sentence}"
+    );
+    assert!(sentence.contains("nothing was stored"), "{sentence}");
+    for word in words {
+        assert!(sentence.contains(word), "{word:?} is not in: {sentence}");
+    }
+}
+
+/// Each way of sending with `key`: to one user (who has a message with the
+/// key "report" queued), to a few users, to many (a bulk record), to
+/// everyone. Returns each send's error.
+fn send_each_way_with_key(store: &MessageStore, key: &str) -> Vec<Error> {
+    let draft = || store.compose("never", Level::Info).replace_key(key);
+    vec![
+        draft().to_user(2_u64).unwrap_err(),
+        draft().to_users([2_u64, 3]).unwrap_err(),
+        draft().to_users(0..300_u64).unwrap_err(),
+        draft().to_everyone().unwrap_err(),
+    ]
+}
+
+/// An empty replace key is `Error::EmptyReplaceKey`; one over 256 bytes
+/// (counted in bytes, not characters) is `Error::ReplaceKeyTooLong` with
+/// its length and the limit; each for every kind of send, and nothing is
+/// stored or replaced. A key of exactly 256 bytes is accepted and kept.
+fn bad_replace_keys_are_refused_and_nothing_changes(engine: Engine) -> Result<()> {
+    let mut store = engine.open()?;
+    seed_keyed(&store)?;
+    assert_eq!(MessageStore::MAX_REPLACE_KEY_BYTES, 256);
+    for error in send_each_way_with_key(&store, "") {
+        assert!(matches!(error, Error::EmptyReplaceKey), "{error:?}");
+        assert_sentence(&error, &["replace key is empty"]);
+    }
+    let too_long = [("k".repeat(257), 257), ("é".repeat(129), 258)];
+    for (key, len) in &too_long {
+        for error in send_each_way_with_key(&store, key) {
+            assert!(
+                matches!(error, Error::ReplaceKeyTooLong { len: l, limit: 256 } if l == *len),
+                "{error:?}"
+            );
+            assert_sentence(&error, &[&format!("{len} bytes"), "256 bytes"]);
+        }
+    }
+    assert_kept_keyed(&store)?;
+
+    for key in ["k".repeat(256), "é".repeat(128)] {
+        store
+            .compose("longest key", Level::Info)
+            .replace_key(key.as_str())
+            .to_user(4_u64)?;
+        let peeked = store.peek(4_u64)?;
+        let last = peeked.last().expect("sent");
+        assert_eq!(last.text(), "longest key");
+        assert_eq!(last.replace_key(), Some(key.as_str()));
+    }
+    assert_eq!(
+        texts(&store.get_messages(4_u64)?),
+        ["kept announcement", "longest key", "longest key"]
+    );
+    store.reopen()?;
+    assert_kept_keyed(&store)
+}
+
+/// An expiry of zero, under a millisecond, over `MessageStore::MAX_EXPIRY`
+/// (3,650 days) or `Duration::MAX` is `Error::InvalidExpiry` (with the
+/// duration and the limit), for every kind of send; a keyed send with a bad
+/// expiry does not replace the queued message with its key; nothing is
+/// stored. 1 ms and exactly `MAX_EXPIRY` are accepted.
+fn bad_expiries_are_refused_and_nothing_changes(engine: Engine) -> Result<()> {
+    let clock = common::clock::manual_clock();
+    let mut store = engine.open_with({
+        let clock = clock.clone();
+        move |builder| builder.clock(clock)
+    })?;
+    seed_keyed(&store)?;
+    assert_eq!(
+        MessageStore::MAX_EXPIRY,
+        Duration::from_secs(3650 * 24 * 3600)
+    );
+    let bad = [
+        Duration::ZERO,
+        Duration::from_micros(500),
+        MessageStore::MAX_EXPIRY + Duration::from_millis(1),
+        Duration::MAX,
+    ];
+    for expiry in bad {
+        let draft = || {
+            store
+                .compose("never", Level::Info)
+                .replace_key("report")
+                .expires_after(expiry)
+        };
+        let errors = [
+            draft().to_user(2_u64).unwrap_err(),
+            draft().to_users([2_u64, 3]).unwrap_err(),
+            draft().to_users(0..300_u64).unwrap_err(),
+            draft().to_everyone().unwrap_err(),
+        ];
+        for error in errors {
+            assert!(
+                matches!(
+                    error,
+                    Error::InvalidExpiry { duration, limit, .. }
+                        if duration == expiry && limit == MessageStore::MAX_EXPIRY
+                ),
+                "{error:?}"
+            );
+            assert_sentence(&error, &["expiry", "not allowed"]);
+        }
+    }
+    assert_kept_keyed(&store)?;
+
+    let now = clock_now(&clock);
+    for expiry in [Duration::from_millis(1), MessageStore::MAX_EXPIRY] {
+        store
+            .compose("allowed", Level::Info)
+            .expires_after(expiry)
+            .to_user(4_u64)?;
+        let peeked = store.peek(4_u64)?;
+        assert_eq!(
+            peeked.last().and_then(|m| m.expires_at()),
+            Some(now + expiry)
+        );
+    }
+    store.reopen()?;
+    assert_kept_keyed(&store)
+}
+
+fn clock_now(clock: &async_messages::ManualClock) -> std::time::SystemTime {
+    async_messages::Clock::now(clock)
+}
+
+/// `Builder::default_expiry` with a zero, sub-millisecond or over-long
+/// duration: `open` fails with `Error::InvalidExpiry` before touching the
+/// store (here even while it is open elsewhere, which would otherwise be
+/// `AlreadyOpen` on sled), and the store is unchanged. The longest allowed
+/// default opens.
+fn a_bad_default_expiry_is_refused_at_open(engine: Engine) -> Result<()> {
+    let mut store = engine.open()?;
+    seed_keyed(&store)?;
+    let same_place = || match engine {
+        Engine::Sled => MessageStore::builder().path(store.path()),
+        Engine::Memory => MessageStore::builder().in_memory(),
+        Engine::Redis => MessageStore::builder()
+            .redis(store.server().expect("server").url())
+            .namespace(store.namespace().expect("namespace")),
+    };
+    let bad = [
+        Duration::ZERO,
+        Duration::from_micros(1),
+        MessageStore::MAX_EXPIRY + Duration::from_secs(1),
+    ];
+    for expiry in bad {
+        let error = same_place()
+            .default_expiry(Some(expiry))
+            .open()
+            .unwrap_err();
+        assert!(
+            matches!(error, Error::InvalidExpiry { duration, .. } if duration == expiry),
+            "{error:?}"
+        );
+        assert_sentence(&error, &["not allowed"]);
+    }
+    assert_kept_keyed(&store)?;
+    store.reopen()?;
+    assert_kept_keyed(&store)?;
+    let longest =
+        engine.open_with(|builder| builder.default_expiry(Some(MessageStore::MAX_EXPIRY)))?;
+    longest.info(1_u64, "kept for ten years")?;
+    assert!(longest.peek(1_u64)?[0].expires_at().is_some());
+    Ok(())
+}
+
 engine_tests! {
     oversize_text_is_refused_and_nothing_changes,
     empty_text_is_refused_and_nothing_changes,
     an_over_long_user_id_mid_list_rolls_back_the_whole_send,
+    bad_replace_keys_are_refused_and_nothing_changes,
+    bad_expiries_are_refused_and_nothing_changes,
+    a_bad_default_expiry_is_refused_at_open,
 }
 
 /// Linux: the process's resident memory, and its peak, in KiB.

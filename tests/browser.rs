@@ -1,7 +1,9 @@
 //! The web demo in a real browser: headless Chromium, driven through
-//! chromedriver's WebDriver API, logs in, sends a message with the form,
-//! sees it on the next page (and not on the one after), starts a report and
-//! reloads until it is ready. Screenshots go to `target/screenshots/`.
+//! chromedriver with fantoccini (WebDriver), logs in, sends a message with
+//! the form, sees it on the next page (and not on the one after), starts a
+//! report and sees it arrive on the open page, and sees a message sent by
+//! another session appear without a reload. Plain HTTP (the other session)
+//! goes through reqwest. Screenshots go to `target/screenshots/`.
 //!
 //! Needs the Debian packages `chromium` and `chromium-driver` (`.ci/run`
 //! installs them). Without them the test fails if `CI` is set and is skipped
@@ -9,24 +11,22 @@
 #![cfg(feature = "axum")]
 
 mod common;
-mod web_client;
 #[allow(dead_code)] // `main` and helpers the test does not call.
 #[path = "../examples/web_demo.rs"]
 mod web_demo;
 
 use std::error::Error;
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use async_messages::MessageStore;
+use fantoccini::wd::TimeoutConfiguration;
+use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 
 type TestResult<T = ()> = Result<T, Box<dyn Error>>;
-
-/// WebDriver's key for element references.
-const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 /// Generous: Chromium starts slowly on a busy machine.
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -41,7 +41,7 @@ fn find_program(name: &str) -> Option<PathBuf> {
 /// chromedriver on a port of its choosing; killed when dropped.
 struct Driver {
     child: Child,
-    addr: SocketAddr,
+    url: String,
 }
 
 impl Driver {
@@ -69,7 +69,7 @@ impl Driver {
         std::thread::spawn(move || lines.for_each(drop));
         Ok(Driver {
             child,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            url: format!("http://127.0.0.1:{port}"),
         })
     }
 }
@@ -81,192 +81,127 @@ impl Drop for Driver {
     }
 }
 
-/// One WebDriver session (one Chromium); ended when dropped.
-struct Browser {
-    driver: SocketAddr,
-    session: String,
+/// A headless Chromium session on `driver` (plain HTTP to chromedriver on
+/// 127.0.0.1, so no TLS connector).
+async fn open_browser(driver: &Driver, chromium: &Path, profile: &Path) -> TestResult<Client> {
+    let options = json!({
+        "binary": chromium,
+        "args": [
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync",
+            "--disable-crash-reporter", "--window-size=1000,900",
+            format!("--user-data-dir={}", profile.display()),
+        ],
+    });
+    let mut capabilities = serde_json::Map::new();
+    capabilities.insert("goog:chromeOptions".into(), options);
+    let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    let client = ClientBuilder::new(connector)
+        .capabilities(capabilities)
+        .connect(&driver.url)
+        .await?;
+    client
+        .update_timeouts(TimeoutConfiguration::new(
+            Some(PATIENCE),
+            Some(Duration::from_secs(60)),
+            Some(Duration::ZERO),
+        ))
+        .await?;
+    Ok(client)
 }
 
-impl Browser {
-    fn open(driver: &Driver, chromium: &Path, profile: &Path) -> TestResult<Browser> {
-        let capabilities = json!({
-            "capabilities": { "alwaysMatch": { "goog:chromeOptions": {
-                "binary": chromium,
-                "args": [
-                    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                    "--no-first-run", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync",
-                    "--disable-crash-reporter", "--window-size=1000,900",
-                    format!("--user-data-dir={}", profile.display()),
-                ],
-            }}}
-        });
-        let reply = call(driver.addr, "POST", "/session", Some(&capabilities))?;
-        let session = reply["value"]["sessionId"]
-            .as_str()
-            .ok_or_else(|| format!("no session id in {reply}"))?
-            .to_owned();
-        let browser = Browser {
-            driver: driver.addr,
-            session,
-        };
-        // Element lookups wait for the page, up to this long.
-        browser.cmd(
-            "POST",
-            "/timeouts",
-            json!({"implicit": 20_000, "pageLoad": 60_000}),
-        )?;
-        Ok(browser)
-    }
-
-    fn cmd(&self, method: &str, path: &str, body: Value) -> TestResult<Value> {
-        let path = format!("/session/{}{path}", self.session);
-        let body = (method == "POST").then_some(&body);
-        Ok(call(self.driver, method, &path, body)?["value"].take())
-    }
-
-    fn go(&self, url: &str) -> TestResult {
-        self.cmd("POST", "/url", json!({ "url": url }))?;
-        Ok(())
-    }
-
-    fn refresh(&self) -> TestResult {
-        self.cmd("POST", "/refresh", json!({}))?;
-        Ok(())
-    }
-
-    fn find(&self, css: &str) -> TestResult<String> {
-        let found = self.cmd(
-            "POST",
-            "/element",
-            json!({"using": "css selector", "value": css}),
-        )?;
-        Ok(found[ELEMENT]
-            .as_str()
-            .ok_or_else(|| format!("no element {css}: {found}"))?
-            .to_owned())
-    }
-
-    fn type_into(&self, css: &str, text: &str) -> TestResult {
-        let element = self.find(css)?;
-        self.cmd("POST", &format!("/element/{element}/clear"), json!({}))?;
-        self.cmd(
-            "POST",
-            &format!("/element/{element}/value"),
-            json!({ "text": text }),
-        )?;
-        Ok(())
-    }
-
-    fn click(&self, css: &str) -> TestResult {
-        let element = self.find(css)?;
-        self.cmd("POST", &format!("/element/{element}/click"), json!({}))?;
-        Ok(())
-    }
-
-    fn script(&self, script: &str) -> TestResult<Value> {
-        self.cmd(
-            "POST",
-            "/execute/sync",
-            json!({"script": script, "args": []}),
+/// The page's visible text.
+async fn page_text(browser: &Client) -> TestResult<String> {
+    let text = browser
+        .execute(
+            "return document.body ? document.body.innerText : '';",
+            vec![],
         )
-    }
+        .await?;
+    Ok(text.as_str().unwrap_or_default().to_owned())
+}
 
-    /// The page's visible text.
-    fn text(&self) -> TestResult<String> {
-        Ok(self
-            .script("return document.body ? document.body.innerText : '';")?
-            .as_str()
-            .unwrap_or_default()
-            .to_owned())
-    }
-
-    /// Waits (up to `PATIENCE`) for a page whose text satisfies `done`.
-    fn wait_for_text(&self, what: &str, done: impl Fn(&str) -> bool) -> TestResult<String> {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let text = self.text()?;
-            if done(&text) {
-                return Ok(text);
-            }
-            if Instant::now() > deadline {
-                return Err(format!("waited for {what}; the page says: {text}").into());
-            }
-            std::thread::sleep(Duration::from_millis(100));
+/// Waits (up to `PATIENCE`) for a page whose text satisfies `done`.
+async fn wait_for_text(
+    browser: &Client,
+    what: &str,
+    done: impl Fn(&str) -> bool,
+) -> TestResult<String> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let text = page_text(browser).await?;
+        if done(&text) {
+            return Ok(text);
         }
-    }
-
-    fn screenshot(&self, path: &Path) -> TestResult {
-        let png = self.cmd("GET", "/screenshot", Value::Null)?;
-        let png = base64_decode(png.as_str().ok_or("no screenshot")?)?;
-        assert!(png.starts_with(b"\x89PNG"), "not a PNG");
-        std::fs::create_dir_all(path.parent().ok_or("no parent")?)?;
-        std::fs::write(path, png)?;
-        Ok(())
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = call(
-            self.driver,
-            "DELETE",
-            &format!("/session/{}", self.session),
-            None,
-        );
-    }
-}
-
-/// One WebDriver command; an error reply becomes an `Err`.
-fn call(driver: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> TestResult<Value> {
-    let body = body.map(Value::to_string).unwrap_or_default();
-    let response = web_client::request(
-        driver,
-        method,
-        path,
-        &[("Content-Type", "application/json; charset=utf-8")],
-        body.as_bytes(),
-    )?;
-    let reply: Value = serde_json::from_str(&response.body)?;
-    if response.status != 200 {
-        return Err(format!("{method} {path}: {} {reply}", response.status).into());
-    }
-    Ok(reply)
-}
-
-fn base64_decode(text: &str) -> TestResult<Vec<u8>> {
-    let value = |c: u8| -> TestResult<u32> {
-        Ok(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return Err(format!("bad base64 byte {c}").into()),
+        if Instant::now() > deadline {
+            return Err(format!("waited for {what}; the page says: {text}").into());
         }
-        .into())
-    };
-    let clean: Vec<u8> = text
-        .bytes()
-        .filter(|c| !c.is_ascii_whitespace() && *c != b'=')
-        .collect();
-    let mut out = Vec::with_capacity(clean.len() * 3 / 4);
-    for chunk in clean.chunks(4) {
-        let mut bits = 0u32;
-        for (i, c) in chunk.iter().enumerate() {
-            bits |= value(*c)? << (18 - 6 * i);
-        }
-        let bytes = bits.to_be_bytes();
-        out.extend_from_slice(&bytes[1..chunk.len()]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Ok(out)
 }
 
-/// The directory for screenshots: `target/screenshots` of this workspace.
-fn screenshot_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+async fn type_into(browser: &Client, css: &str, text: &str) -> TestResult {
+    let field = browser
+        .wait()
+        .at_most(PATIENCE)
+        .for_element(Locator::Css(css))
+        .await?;
+    field.clear().await?;
+    field.send_keys(text).await?;
+    Ok(())
+}
+
+async fn click(browser: &Client, css: &str) -> TestResult {
+    let element = browser
+        .wait()
+        .at_most(PATIENCE)
+        .for_element(Locator::Css(css))
+        .await?;
+    element.click().await?;
+    Ok(())
+}
+
+async fn script(browser: &Client, script: &str) -> TestResult<Value> {
+    Ok(browser.execute(script, vec![]).await?)
+}
+
+async fn screenshot(browser: &Client, name: &str) -> TestResult {
+    let png = browser.screenshot().await?;
+    assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("target")
-        .join("screenshots")
+        .join("screenshots");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join(name), png)?;
+    Ok(())
+}
+
+/// Waits (up to `PATIENCE`) until `user` has nothing queued: what a page
+/// or stream took is committed right after it was handed over.
+async fn wait_until_taken(store: &MessageStore, user: &str) -> TestResult {
+    let deadline = Instant::now() + PATIENCE;
+    while store.count(user)? != 0 {
+        assert!(Instant::now() < deadline, "{user}'s messages stay queued");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// A second session (plain HTTP): logs in as `user`.
+async fn other_session(site: &str, user: &str) -> TestResult<reqwest::Client> {
+    let client = reqwest::Client::builder()
+        .cookie_store(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(60))
+        .build()?;
+    let response = client
+        .post(format!("{site}/login"))
+        .form(&[("user", user)])
+        .send()
+        .await?;
+    assert_eq!(response.status().as_u16(), 303, "login as {user}");
+    Ok(client)
 }
 
 #[test]
@@ -284,55 +219,121 @@ fn chromium_logs_in_sends_and_sees_the_message_once() -> TestResult {
     // The demo app on a free port, with its own store.
     let served = common::web::serve("async-messages-browser-", web_demo::app)?;
     let site = format!("http://{}", served.addr);
-    let (store, dir) = (&served.store, &served.dir);
-
+    let profile = served.dir.path().join("chromium-profile");
     let driver = Driver::start(&chromedriver)?;
-    let profile = dir.path().join("chromium-profile");
-    let browser = Browser::open(&driver, &chromium, &profile)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let browser = open_browser(&driver, &chromium, &profile).await?;
+        let result = scenarios(&browser, &site, &served.store).await;
+        let closed = browser.close().await;
+        result?;
+        Ok::<_, Box<dyn Error>>(closed?)
+    })?;
+    drop(driver);
+    Ok(())
+}
 
+async fn scenarios(browser: &Client, site: &str, store: &MessageStore) -> TestResult {
     // Log in.
-    browser.go(&format!("{site}/"))?;
-    browser.type_into("#user", "ann")?;
-    browser.click("#login")?;
-    browser.wait_for_text("the login", |text| text.contains("Logged in as ann"))?;
+    browser.goto(&format!("{site}/")).await?;
+    type_into(browser, "#user", "ann").await?;
+    click(browser, "#login").await?;
+    wait_for_text(browser, "the login", |text| {
+        text.contains("Logged in as ann")
+    })
+    .await?;
 
     // Send a message to ourselves with the form (`to` is prefilled).
     let sent = "Hello Ann, this came through the form <b>and stays text</b>";
-    browser.type_into("#text", sent)?;
-    browser.click("#level option[value=success]")?;
-    browser.click("#send")?;
+    type_into(browser, "#text", sent).await?;
+    click(browser, "#level option[value=success]").await?;
+    click(browser, "#send").await?;
 
     // The send redirects to the next page, which shows it, styled by level.
-    let text = browser.wait_for_text("the message", |text| text.contains(sent))?;
+    let text = wait_for_text(browser, "the message", |text| text.contains(sent)).await?;
     assert!(text.contains("SUCCESS"), "the level is shown: {text}");
-    let bold = browser.script("return document.querySelectorAll('.messages b').length;")?;
+    let bold = script(
+        browser,
+        "return document.querySelectorAll('.messages b').length;",
+    )
+    .await?;
     assert_eq!(bold, json!(0), "the message's HTML was interpreted");
-    let class = browser.script("return document.querySelector('.messages li').className;")?;
+    let class = script(
+        browser,
+        "return document.querySelector('.messages li').className;",
+    )
+    .await?;
     assert_eq!(class, json!("message message-success"));
-    browser.screenshot(&screenshot_dir().join("web_demo.png"))?;
+    screenshot(browser, "web_demo.png").await?;
 
     // Reloading: shown once.
-    browser.refresh()?;
-    let text = browser.wait_for_text("the reload", |text| text.contains("Logged in as ann"))?;
+    browser.refresh().await?;
+    let text = wait_for_text(browser, "the reload", |text| {
+        text.contains("Logged in as ann")
+    })
+    .await?;
     assert!(!text.contains(sent), "shown twice: {text}");
     assert!(text.contains("No new messages."), "{text}");
 
-    // A background job: reload until its message appears.
-    browser.click("#report")?;
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let text = browser.text()?;
-        if text.contains("Your report is ready") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no report message: {text}");
-        std::thread::sleep(Duration::from_millis(200));
-        browser.refresh()?;
-    }
-    browser.screenshot(&screenshot_dir().join("web_demo_report.png"))?;
+    // A background job: its message arrives on the open page.
+    click(browser, "#report").await?;
+    wait_for_text(browser, "the report", |text| {
+        text.contains("Your report is ready")
+    })
+    .await?;
+    screenshot(browser, "web_demo_report.png").await?;
+    wait_until_taken(store, "ann").await?;
 
-    assert_eq!(store.count("ann")?, 0, "everything shown was removed");
-    drop(browser);
-    drop(driver);
+    // Live: a message from another session appears on the open page,
+    // without a reload, and stays text.
+    browser.goto(&format!("{site}/")).await?;
+    wait_for_text(browser, "a fresh page", |text| {
+        text.contains("No new messages.")
+    })
+    .await?;
+    script(browser, "window.notReloaded = true; return null;").await?;
+    let bob = other_session(site, "bob").await?;
+    let live = "Bob: your export is ready <img src=x onerror=alert(1)>";
+    let response = bob
+        .post(format!("{site}/send"))
+        .form(&[("to", "ann"), ("text", live), ("level", "info")])
+        .send()
+        .await?;
+    assert_eq!(response.status().as_u16(), 303);
+    let item = browser
+        .wait()
+        .at_most(PATIENCE)
+        .for_element(Locator::Css("#messages li.live"))
+        .await?;
+    assert_eq!(item.text().await?, format!("INFO{live}"));
+    assert_eq!(
+        item.attr("class").await?.as_deref(),
+        Some("message message-info live")
+    );
+    let still = script(browser, "return window.notReloaded === true;").await?;
+    assert_eq!(still, json!(true), "the page was reloaded");
+    let images = script(
+        browser,
+        "return document.querySelectorAll('#messages img').length;",
+    )
+    .await?;
+    assert_eq!(images, json!(0), "the message's HTML was interpreted");
+    let text = page_text(browser).await?;
+    assert!(!text.contains("No new messages."), "{text}");
+    screenshot(browser, "live_message.png").await?;
+
+    // Shown once: taken by the stream, not by the next page.
+    wait_until_taken(store, "ann").await?;
+    browser.refresh().await?;
+    let text = wait_for_text(browser, "the reload", |text| {
+        text.contains("Logged in as ann")
+    })
+    .await?;
+    assert!(
+        !text.contains("your export is ready"),
+        "shown twice: {text}"
+    );
     Ok(())
 }

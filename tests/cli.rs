@@ -274,8 +274,17 @@ fn export_then_import_gives_the_same_messages_levels_and_order() -> Result<()> {
             .collect();
         assert_eq!(
             keys,
-            BTreeSet::from(["id", "user", "level", "text", "sent_at_ms"])
+            BTreeSet::from([
+                "id",
+                "user",
+                "level",
+                "text",
+                "sent_at_ms",
+                "expires_at_ms",
+                "replace_key"
+            ])
         );
+        assert!(line["expires_at_ms"].is_null() && line["replace_key"].is_null());
     }
     assert_eq!(lines[0]["user"], 1);
     assert_eq!(lines[0]["text"], "one a");
@@ -358,8 +367,16 @@ fn a_bad_import_line_stores_nothing() -> Result<()> {
             "empty text",
         ),
         (
-            r#"{"id":2,"user":1,"level":"info","text":"x","expires_at_ms":5}"#,
-            "expiry",
+            r#"{"id":2,"user":1,"level":"info","text":"x","expires_at_ms":"soon"}"#,
+            "\"expires_at_ms\"",
+        ),
+        (
+            r#"{"id":2,"user":1,"level":"info","text":"x","expires_at_ms":99999999999999999}"#,
+            "3650 days",
+        ),
+        (
+            r#"{"id":2,"user":1,"level":"info","text":"x","replace_key":""}"#,
+            "empty \"replace_key\"",
         ),
         (
             r#"{"id":2,"user":1,"level":"info","text":"x","urgent":true}"#,
@@ -387,6 +404,7 @@ fn bad_sends_exit_1_with_a_sentence_and_store_nothing() -> Result<()> {
     let store = arg(&dir.store_path()).to_owned();
     let oversize = "x".repeat(64 * 1024 + 1);
     let long_user = "u".repeat(1025);
+    let long_key = "k".repeat(257);
     for (args, expected) in [
         (vec!["send", &store, "42", ""], "empty"),
         (vec!["send", &store, "42", &oversize], "65537 bytes"),
@@ -395,8 +413,39 @@ fn bad_sends_exit_1_with_a_sentence_and_store_nothing() -> Result<()> {
             "not a message level",
         ),
         (
-            vec!["send", &store, "42", "hi", "--expires-after", "1h"],
-            "expiry",
+            vec!["send", &store, "42", "hi", "--expires-after", "soon"],
+            "is not a duration",
+        ),
+        (
+            vec!["send", &store, "42", "hi", "--expires-after", "0s"],
+            "would never be shown",
+        ),
+        (
+            vec!["send", &store, "42", "hi", "--expires-after", "20000days"],
+            "longer than any message should wait",
+        ),
+        (
+            vec!["send", &store, "42", "hi", "--replace-key", ""],
+            "replace key is empty",
+        ),
+        (
+            vec!["send", &store, "42", "hi", "--replace-key", &long_key],
+            "257 bytes",
+        ),
+        (
+            vec!["send", &store, "--everyone", "hi", "--replace-key", ""],
+            "replace key is empty",
+        ),
+        (
+            vec![
+                "send",
+                &store,
+                "--everyone",
+                "hi",
+                "--expires-after",
+                "1 fortnight",
+            ],
+            "is not a duration",
         ),
         (vec!["send", &store, &long_user, "hi"], "1025 bytes"),
         (
@@ -426,7 +475,10 @@ fn bad_sends_to_a_new_path_leave_nothing_behind() {
     for args in [
         vec!["send", &store, "42", ""],
         vec!["send", &store, "42", "hi", "--level", "7"],
-        vec!["send", &store, "42", "hi", "--expires-after", "10m"],
+        vec!["send", &store, "42", "hi", "--expires-after", "10 parsecs"],
+        vec!["send", &store, "42", "hi", "--expires-after", "0ms"],
+        vec!["send", &store, "42", "hi", "--replace-key", ""],
+        vec!["send", &store, "--everyone", "hi", "--expires-after=-1h"],
     ] {
         cli().args(&args).assert().code(1).stderr(one_sentence());
         assert!(!dir.store_path().exists(), "{args:?} created the store");
@@ -521,6 +573,10 @@ fn usage_errors_exit_2() {
     for args in [
         vec![],
         vec!["send", &store, "42"],
+        // USER, or --everyone: not both, not neither.
+        vec!["send", &store, "42", "hi", "--everyone"],
+        vec!["send", &store, "--everyone"],
+        vec!["send", &store, "--everyone", "hi", "--string-id"],
         vec!["peek", &store],
         vec!["frobnicate", &store],
         vec!["stats", &store, "--jsn"],
@@ -581,7 +637,17 @@ fn peek_never_consumes_and_count_agrees() -> Result<()> {
             .keys()
             .map(String::as_str)
             .collect();
-        assert_eq!(keys, BTreeSet::from(["id", "level", "text", "sent_at_ms"]));
+        assert_eq!(
+            keys,
+            BTreeSet::from([
+                "id",
+                "level",
+                "text",
+                "sent_at_ms",
+                "expires_at_ms",
+                "replace_key"
+            ])
+        );
     }
     let alice = cli()
         .args(["peek", &store, "alice", "--json"])
@@ -896,5 +962,275 @@ fn on_redis_send_peek_stats_and_export_import_across_namespaces() -> Result<()> 
         .open()?;
     assert_eq!(contents(&a)?, contents(&b)?);
     assert_eq!(texts(&b.peek(42_u64)?), ["one", "two"]);
+    Ok(())
+}
+
+// Issue 12: expiry, replace keys and announcements from the shell.
+
+/// Milliseconds since the Unix epoch of `time`.
+fn ms(time: std::time::SystemTime) -> u64 {
+    u64::try_from(
+        time.duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_millis(),
+    )
+    .expect("fits")
+}
+
+/// Waits (up to 20 s) until the app has taken in every spooled file.
+fn wait_taken_in(dir: &TestDir) {
+    let new = dir.store_path().join("spool").join("new");
+    let started = Instant::now();
+    while std::fs::read_dir(&new).map_or(0, Iterator::count) > 0
+        && started.elapsed() < Duration::from_secs(20)
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        std::fs::read_dir(&new).map_or(0, Iterator::count),
+        0,
+        "the spool was not taken in within 20 s"
+    );
+}
+
+#[test]
+fn a_send_with_a_key_and_an_expiry_replaces_and_expires() -> Result<()> {
+    let dir = TestDir::new();
+    let clock = async_messages::ManualClock::new();
+    let app = MessageStore::builder()
+        .path(dir.store_path())
+        .clock(clock.clone())
+        .open()?;
+    let store = arg(&dir.store_path()).to_owned();
+    let before = std::time::SystemTime::now();
+    for text in ["Report 42: 10% done", "Report 42 is ready"] {
+        cli()
+            .args(["send", &store, "7", text, "--replace-key", "report:42"])
+            .args(["--expires-after", "1h 30m", "--level", "success"])
+            .assert()
+            .success()
+            .stdout(predicate::str::contains(
+                "Queued a success message for user 7 (expires in 1h 30m; replaces a queued message with the key \"report:42\")",
+            ));
+    }
+    let after = std::time::SystemTime::now();
+    cli()
+        .args(["send", &store, "7", "unrelated"])
+        .assert()
+        .success();
+    wait_taken_in(&dir);
+    let got = app.peek(7_u64)?;
+    assert_eq!(texts(&got), ["Report 42 is ready", "unrelated"]);
+    assert_eq!(got[0].replace_key(), Some("report:42"));
+    let expires = got[0].expires_at().expect("an expiry");
+    let ninety = Duration::from_secs(90 * 60);
+    assert!(
+        expires >= before + ninety - Duration::from_millis(1) && expires <= after + ninety,
+        "{expires:?}"
+    );
+    assert_eq!(got[1].expires_at(), None);
+    clock.advance(ninety + Duration::from_secs(1));
+    assert_eq!(texts(&app.get_messages(7_u64)?), ["unrelated"]);
+    Ok(())
+}
+
+#[test]
+fn a_send_to_everyone_reaches_users_the_store_has_never_seen() -> Result<()> {
+    let dir = TestDir::new();
+    let app = dir.open()?;
+    app.info(1_u64, "before it")?;
+    cli()
+        .args(["send", arg(&dir.store_path()), "--everyone"])
+        .args(["Maintenance tonight at 22:00", "--level", "warning"])
+        .args(["--expires-after", "12h"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "Queued a warning announcement for everyone (expires in 12h)",
+        ));
+    wait_taken_in(&dir);
+    assert_eq!(
+        texts(&app.get_messages("never-seen")?),
+        ["Maintenance tonight at 22:00"]
+    );
+    assert_eq!(
+        texts(&app.get_messages(1_u64)?),
+        ["before it", "Maintenance tonight at 22:00"]
+    );
+    assert!(app.get_messages("never-seen")?.is_empty(), "got it twice");
+    Ok(())
+}
+
+#[test]
+fn peek_shows_expiry_and_key() -> Result<()> {
+    let dir = TestDir::new();
+    let expires_at;
+    {
+        let store = dir.open()?;
+        store
+            .compose("keyed and expiring", Level::Info)
+            .expires_after(Duration::from_secs(3600))
+            .replace_key("job:9")
+            .to_user(42_u64)?;
+        store.info(42_u64, "plain")?;
+        expires_at = store.peek(42_u64)?[0].expires_at().expect("an expiry");
+    }
+    let store = arg(&dir.store_path()).to_owned();
+    let out = cli().args(["peek", &store, "42"]).assert().success();
+    let text = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[1].contains(" UTC  expires ") && lines[1].ends_with(" UTC  key \"job:9\""),
+        "{text}"
+    );
+    assert!(
+        lines[3].ends_with(" UTC"),
+        "plain: no expiry, no key: {text}"
+    );
+    let json = cli()
+        .args(["peek", &store, "42", "--json"])
+        .assert()
+        .success();
+    let json: Value = serde_json::from_slice(&json.get_output().stdout).expect("JSON");
+    assert_eq!(json["messages"][0]["expires_at_ms"], ms(expires_at));
+    assert_eq!(json["messages"][0]["replace_key"], "job:9");
+    assert!(json["messages"][1]["expires_at_ms"].is_null());
+    assert!(json["messages"][1]["replace_key"].is_null());
+    Ok(())
+}
+
+#[test]
+fn export_then_import_keeps_expiry_times_and_keys() -> Result<()> {
+    let source = TestDir::new();
+    let hour = Duration::from_secs(3600);
+    {
+        let store = source.open()?;
+        store
+            .compose("keyed, for an hour", Level::Success)
+            .expires_after(hour)
+            .replace_key("report:1")
+            .to_user(1_u64)?;
+        store.info(1_u64, "plain")?;
+        store
+            .compose("to three, keyed, for a day", Level::Warning)
+            .expires_after(24 * hour)
+            .replace_key("maintenance")
+            .to_users([UserId::Int(1), UserId::Int(2), UserId::from("al")])?;
+    }
+    let export = cli()
+        .args(["export", arg(&source.store_path())])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let lines: Vec<Value> = String::from_utf8_lossy(&export)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 5);
+    assert_eq!(lines[0]["replace_key"], "report:1");
+    assert!(lines[0]["expires_at_ms"].is_u64());
+    assert!(lines[1]["replace_key"].is_null() && lines[1]["expires_at_ms"].is_null());
+    // A line that expired long ago (hand-written): skipped, with a note.
+    let mut input = export.clone();
+    input.extend_from_slice(
+        br#"{"id":999,"user":3,"level":"info","text":"long gone","expires_at_ms":1000}"#,
+    );
+    input.push(b'\n');
+
+    let target = TestDir::new();
+    cli()
+        .args(["import", arg(&target.store_path())])
+        .write_stdin(input)
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "Imported 5 messages (3 sends, from 6 lines) for 3 users",
+        ))
+        .stderr(predicate::str::contains(
+            "note: 1 message had expired by now and was skipped",
+        ));
+    let source = MessageStore::open(source.store_path())?;
+    let target = MessageStore::open(target.store_path())?;
+    assert!(target.peek(3_u64)?.is_empty());
+    for user in [UserId::Int(1), UserId::Int(2), UserId::from("al")] {
+        let want = source.peek(&user)?;
+        let got = target.peek(&user)?;
+        assert_eq!(texts(&got), texts(&want), "{user}");
+        for (got, want) in got.iter().zip(&want) {
+            assert_eq!(got.replace_key(), want.replace_key());
+            assert_eq!(got.level(), want.level());
+            // The same expiry time, give or take the moment between the
+            // tool reading its clock and the store stamping the send.
+            match (got.expires_at(), want.expires_at()) {
+                (None, None) => {}
+                (Some(got), Some(want)) => assert!(
+                    got >= want && got <= want + Duration::from_secs(60),
+                    "{user}: {got:?} for {want:?}"
+                ),
+                other => panic!("{user}: expiry {other:?}"),
+            }
+        }
+    }
+    // The bulk send is one send again: one id for its three copies.
+    let ids: BTreeSet<_> = [UserId::Int(1), UserId::Int(2), UserId::from("al")]
+        .iter()
+        .flat_map(|user| target.peek(user).expect("peek"))
+        .filter(|m| m.text() == "to three, keyed, for a day")
+        .map(|m| m.id())
+        .collect();
+    assert_eq!(ids.len(), 1);
+    Ok(())
+}
+
+#[test]
+fn on_redis_keys_expiry_and_everyone_are_stored_at_once() -> Result<()> {
+    let Some(server) = common::redis::RedisServer::start_or_skip() else {
+        return Ok(());
+    };
+    let url = server.url();
+    let send = |args: &[&str]| {
+        cli()
+            .args(["send", &url, "--namespace", "cli-12"])
+            .args(args)
+            .assert()
+    };
+    for text in ["3 new comments", "4 new comments"] {
+        send(&[
+            "7",
+            text,
+            "--replace-key",
+            "comments",
+            "--expires-after",
+            "1h",
+        ])
+        .success()
+        .stdout(predicate::str::contains("in the Redis store"));
+    }
+    send(&["--everyone", "Maintenance tonight", "--expires-after", "2h"])
+        .success()
+        .stdout(predicate::str::contains(
+            "Queued an info announcement for everyone (expires in 2h)",
+        ));
+    // Below the store's minimum, an announcement is refused (it must reach people).
+    send(&["--everyone", "quiet", "--level", "debug"])
+        .code(1)
+        .stderr(one_sentence().and(predicate::str::contains("debug")));
+    send(&["7", "x", "--replace-key", ""])
+        .code(1)
+        .stderr(one_sentence().and(predicate::str::contains("replace key is empty")));
+    let store = MessageStore::builder()
+        .redis(&url)
+        .namespace("cli-12")
+        .open()?;
+    let got = store.get_messages(7_u64)?;
+    assert_eq!(texts(&got), ["4 new comments", "Maintenance tonight"]);
+    assert_eq!(got[0].replace_key(), Some("comments"));
+    assert!(got[0].expires_at().is_some() && got[1].expires_at().is_some());
+    assert_eq!(
+        texts(&store.get_messages("never-seen")?),
+        ["Maintenance tonight"]
+    );
     Ok(())
 }

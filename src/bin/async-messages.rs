@@ -67,14 +67,18 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Queue a message for a user; works while the app runs.
+    /// Queue a message for a user, or for everyone; works while the app runs.
     ///
     /// On a directory, the message is written to the store's spool (created
     /// if missing) and is durable when this returns; the app takes it in
     /// within milliseconds, or at its next open. On Redis it is stored
     /// directly. The store's minimum level still applies (by default a debug
     /// message is dropped). A TEXT that begins with '-' goes after `--`.
-    #[command(after_long_help = text::SEND_HELP)]
+    ///
+    /// With --everyone (and no USER) it is an announcement: every user who
+    /// loads a page before it expires gets it once, users the store has
+    /// never seen included. Give announcements an --expires-after.
+    #[command(after_long_help = text::SEND_HELP, allow_missing_positional = true)]
     Send(SendArgs),
     /// Show a user's queued messages, oldest first, without removing them.
     #[command(after_long_help = json::PEEK_HELP)]
@@ -163,17 +167,38 @@ struct UserArgs {
 
 #[derive(Debug, Args)]
 struct SendArgs {
-    #[command(flatten)]
-    user: UserArgs,
+    /// The store's directory, or a redis:// or rediss:// URL.
+    #[arg(value_name = "STORE")]
+    store: String,
+    /// The user: digits are an integer id, anything else a string id.
+    /// Left out with --everyone.
+    #[arg(
+        value_name = "USER",
+        required_unless_present = "everyone",
+        conflicts_with = "everyone"
+    )]
+    user: Option<String>,
     /// The message text (at most 64 KiB).
     #[arg(value_name = "TEXT")]
     text: String,
+    /// Take USER as a string id even when it is made of digits.
+    #[arg(long, conflicts_with = "everyone")]
+    string_id: bool,
+    /// Send to every user (an announcement) instead of one USER.
+    #[arg(long)]
+    everyone: bool,
     /// debug, info, success, warning or error (or 10, 20, 25, 30, 40).
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     level: String,
-    /// Not supported yet: refused, and nothing is stored.
+    /// Drop the message, undelivered, once this long has passed since now:
+    /// 90s, 15m, 12h, 7days, "1h 30m" (from 1 ms to 3650 days).
     #[arg(long, value_name = "DURATION")]
     expires_after: Option<String>,
+    /// A key naming what the message is about, such as report:42: it
+    /// replaces the user's queued message with the same key (at most 256
+    /// bytes).
+    #[arg(long, value_name = "KEY")]
+    replace_key: Option<String>,
 }
 
 /// Why a command failed: a sentence for stderr, or nothing to say (stdout
@@ -228,14 +253,20 @@ fn run(cli: Cli) -> Result<(), Failure> {
     };
     match cli.command {
         Command::Send(args) => {
-            let target = target(&args.user.store)?;
-            let user = target::user_id(&args.user.user, args.user.string_id)?;
+            let target = target(&args.store)?;
+            let to = match &args.user {
+                Some(user) => commands::To::User(target::user_id(user, args.string_id)?),
+                None => commands::To::Everyone,
+            };
             commands::send(
                 &target,
-                user,
+                &to,
                 args.text,
-                &args.level,
-                args.expires_after.as_deref(),
+                &commands::SendOptions {
+                    level: &args.level,
+                    expires_after: args.expires_after.as_deref(),
+                    replace_key: args.replace_key.as_deref(),
+                },
             )
         }
         Command::Peek { user, json } => {

@@ -58,11 +58,13 @@ impl Entry {
 }
 
 impl State {
-    /// Copies the live announcements `user` has not had into their queue.
-    fn reach(&mut self, user: &UserId, now_ms: u64) {
+    /// Copies the announcements `user` has not had into their queue.
+    fn reach(&mut self, user: &UserId) {
         let mut new = Vec::new();
         for (id, announcement) in &mut self.announcements {
-            if !announcement.body.expired(now_ms) && announcement.reached.insert(user.clone()) {
+            // Expired ones too, until reaped: unshown, they still replace
+            // the user's older messages with their key.
+            if announcement.reached.insert(user.clone()) {
                 new.push((*id, announcement.body.clone()));
             }
         }
@@ -74,15 +76,46 @@ impl State {
         }
     }
 
-    /// Drops expired messages that are not leased, and expired announcements.
+    /// Drops expired messages that are not leased, and expired
+    /// announcements. A message with a replace key replaced the older ones
+    /// with its key when it was sent, so they go with it: an expired keyed
+    /// message takes the user's older same-key messages along, and an
+    /// expired keyed announcement takes them from every user it had not
+    /// reached yet.
     fn reap(&mut self, now_ms: u64) {
         let now = Instant::now();
-        self.queues.retain(|_, queue| {
-            queue.retain(|_, entry| entry.is_leased(now) || !entry.body.expired(now_ms));
+        let expired: Vec<(u64, Announcement)> = {
+            let ids: Vec<u64> = self
+                .announcements
+                .iter()
+                .filter(|(_, a)| a.body.expired(now_ms))
+                .map(|(id, _)| *id)
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| self.announcements.remove(&id).map(|a| (id, a)))
+                .collect()
+        };
+        self.queues.retain(|user, queue| {
+            let mut gone: Vec<(u64, String)> = expired
+                .iter()
+                .filter(|(_, a)| !a.reached.contains(user))
+                .filter_map(|(id, a)| a.body.replace_key.clone().map(|key| (*id, key)))
+                .collect();
+            queue.retain(|id, entry| {
+                let keep = entry.is_leased(now) || !entry.body.expired(now_ms);
+                if !keep && let Some(key) = &entry.body.replace_key {
+                    gone.push((*id, key.clone()));
+                }
+                keep
+            });
+            queue.retain(|id, entry| {
+                entry.is_leased(now)
+                    || !entry.body.replace_key.as_ref().is_some_and(|key| {
+                        gone.iter().any(|(newer, k)| newer > id && k == key)
+                    })
+            });
             !queue.is_empty()
         });
-        self.announcements
-            .retain(|_, announcement| !announcement.body.expired(now_ms));
     }
 }
 
@@ -201,7 +234,7 @@ impl Engine for MemoryEngine {
         let now = Instant::now();
         let now_ms = self.common.now_ms();
         let mut state = self.state.lock();
-        state.reach(user, now_ms);
+        state.reach(user);
         let Some(queue) = state.queues.get_mut(user) else {
             return Ok(Vec::new());
         };
@@ -237,7 +270,7 @@ impl Engine for MemoryEngine {
     fn peek(&self, user: &UserId) -> Result<Vec<Message>> {
         let now_ms = self.common.now_ms();
         let mut state = self.state.lock();
-        state.reach(user, now_ms);
+        state.reach(user);
         let messages: Vec<Message> = state.queues.get(user).map_or_else(Vec::new, |queue| {
             queue.iter().map(|(id, entry)| entry.message(*id)).collect()
         });
@@ -254,7 +287,7 @@ impl Engine for MemoryEngine {
         let now_ms = self.common.now_ms();
         let deadline = now + self.common.lease_timeout;
         let mut state = self.state.lock();
-        state.reach(user, now_ms);
+        state.reach(user);
         state.last_lease += 1;
         let number = state.last_lease;
         let Some(queue) = state.queues.get_mut(user) else {
@@ -344,6 +377,31 @@ impl MemoryLease {
                 queue.remove(id);
             } else if let Some(entry) = queue.get_mut(id) {
                 entry.lease = None;
+            }
+        }
+        if !remove {
+            // A released message replaced meanwhile by a newer one with its
+            // key (queued or leased) stays replaced.
+            let newest: HashMap<String, u64> =
+                queue.iter().fold(HashMap::new(), |mut newest, (id, entry)| {
+                    if let Some(key) = &entry.body.replace_key {
+                        let seen = newest.entry(key.clone()).or_insert(*id);
+                        *seen = (*seen).max(*id);
+                    }
+                    newest
+                });
+            for id in &self.ids {
+                let replaced = queue.get(id).is_some_and(|entry| {
+                    entry.lease.is_none()
+                        && entry
+                            .body
+                            .replace_key
+                            .as_ref()
+                            .is_some_and(|key| newest.get(key).is_some_and(|n| n > id))
+                });
+                if replaced {
+                    queue.remove(id);
+                }
             }
         }
         if queue.is_empty() {

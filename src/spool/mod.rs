@@ -14,6 +14,12 @@
 //! file name:   <20-digit stamp>.<pid>.<counter>.msg
 //! ```
 //!
+//! The entry (format version 2) holds the recipients (none for an
+//! announcement to everyone), level, text, send time, and the draft's
+//! expiry time and replace key (see [`Spool::compose`]). Files of version 1,
+//! written by earlier releases, are still taken in (no expiry of their own,
+//! no key).
+//!
 //! The stamp is the sender's clock in nanoseconds, kept increasing within a
 //! process, so files sort in send order per sender and the store takes them
 //! in that order. Spooled messages get their id when taken in: they come
@@ -30,6 +36,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
+use std::time::Duration;
 
 pub(crate) use self::format::Dirs;
 use self::format::Entry;
@@ -130,6 +137,41 @@ impl Spool {
         })
     }
 
+    /// Starts a message with more than a text and a level: an expiry, a
+    /// replace key, or everyone as its recipients, as
+    /// [`MessageStore::compose`] does. Nothing is written until the
+    /// [`SpoolDraft`]'s `to_…` call.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), async_messages::Error> {
+    /// # let dir = tempfile::tempdir().map_err(|e| async_messages::Error::Storage { path: Default::default(), source: e.into() })?;
+    /// use std::time::Duration;
+    /// use async_messages::{Level, Spool};
+    ///
+    /// let spool = Spool::open(dir.path())?;
+    /// // A nightly job: shown once, however often the job runs, for a day.
+    /// spool
+    ///     .compose("The nightly import finished", Level::Success)
+    ///     .expires_after(Duration::from_secs(24 * 3600))
+    ///     .replace_key("nightly-import")
+    ///     .to_user(42_u64)?;
+    /// // A deploy script: every user who comes in the next 12 hours.
+    /// spool
+    ///     .compose("Maintenance tonight from 22:00", Level::Warning)
+    ///     .expires_after(Duration::from_secs(12 * 3600))
+    ///     .to_everyone()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn compose(&self, text: impl Into<String>, level: Level) -> SpoolDraft<'_> {
+        SpoolDraft {
+            spool: self,
+            text: text.into(),
+            level,
+            expiry: Expiry::Default,
+            replace_key: None,
+        }
+    }
+
     /// Queues `text` for `user`. Returns once the message is durable in the
     /// spool (fsynced and renamed into place); the store gives it an id when
     /// it takes it in. A level below the store's minimum is dropped then.
@@ -146,7 +188,7 @@ impl Spool {
         text: impl Into<String>,
         level: Level,
     ) -> Result<()> {
-        self.message_users([user.into()], text, level)
+        self.compose(text, level).to_user(user)
     }
 
     /// Queues one message for every user in `users`, all or nothing (one
@@ -160,25 +202,7 @@ impl Spool {
         text: impl Into<String>,
         level: Level,
     ) -> Result<()> {
-        let text = text.into();
-        let users: Vec<UserId> = users.into_iter().map(Into::into).collect();
-        let dirs = match &self.target {
-            Target::Store(store) => return store.message_users(users, text, level).map(drop),
-            Target::Dir(dirs) => dirs,
-        };
-        // The store's default limits: it checks its own again at intake.
-        Rules::default().check_text(&text)?;
-        users.iter().try_for_each(key::check_user)?;
-        if users.is_empty() {
-            return Ok(());
-        }
-        let entry = Entry {
-            users: users.iter().map(SpoolUser::from).collect(),
-            level: level as u8,
-            text,
-            sent_at_ms: now_ms(),
-        };
-        write_entry(dirs, &encode(&entry))
+        self.compose(text, level).to_users(users)
     }
 
     /// Queues a [`Level::Debug`] message (dropped unless the store's minimum
@@ -220,6 +244,174 @@ impl Spool {
     /// As for [`message_user`](Self::message_user).
     pub fn error(&self, user: impl Into<UserId>, text: impl Into<String>) -> Result<()> {
         self.message_user(user, text, Level::Error)
+    }
+}
+
+/// When a spooled message expires.
+#[derive(Debug, Clone, Copy)]
+enum Expiry {
+    /// The store's [`Builder::default_expiry`](crate::Builder::default_expiry).
+    Default,
+    After(Duration),
+    Never,
+}
+
+/// A message being composed for a [`Spool`]; made by [`Spool::compose`].
+/// The same shape, rules and errors as the store's
+/// [`Draft`](crate::Draft): nothing is written until one of the `to_…`
+/// calls, which check everything first; on an error nothing is written.
+///
+/// On a directory spool, the send is durable in the spool when the call
+/// returns, and the store applies it when it takes the file in (at once
+/// while the app runs, else at its next open): a level below the store's
+/// minimum is dropped then, as is a message that has already expired by
+/// the store's clock. On Redis ([`Spool::redis`]) it is stored at once,
+/// as [`Draft`](crate::Draft) does.
+#[must_use = "a draft sends nothing until .to_user(), .to_users() or .to_everyone()"]
+pub struct SpoolDraft<'a> {
+    spool: &'a Spool,
+    text: String,
+    level: Level,
+    expiry: Expiry,
+    replace_key: Option<String>,
+}
+
+impl std::fmt::Debug for SpoolDraft<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpoolDraft")
+            .field("text", &self.text)
+            .field("level", &self.level)
+            .field("expiry", &self.expiry)
+            .field("replace_key", &self.replace_key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SpoolDraft<'_> {
+    /// Drops the message, undelivered, once `after` has passed since this
+    /// send (see [`Draft::expires_after`](crate::Draft::expires_after)).
+    /// The expiry time is fixed now, by this process's clock: a message
+    /// that waits in the spool longer than `after` (the app was stopped) is
+    /// dropped when the store takes it in, never shown. From 1 ms to
+    /// [`MessageStore::MAX_EXPIRY`]; anything else is
+    /// [`Error::InvalidExpiry`] at the send.
+    pub fn expires_after(mut self, after: Duration) -> Self {
+        self.expiry = Expiry::After(after);
+        self
+    }
+
+    /// Keeps the message until it is delivered, whatever the store's
+    /// [`Builder::default_expiry`](crate::Builder::default_expiry) says.
+    pub fn never_expires(mut self) -> Self {
+        self.expiry = Expiry::Never;
+        self
+    }
+
+    /// In each recipient's queue, this message replaces a queued one with
+    /// the same key (see [`Draft::replace_key`](crate::Draft::replace_key)),
+    /// from the moment the store takes it in. Non-empty, at most
+    /// [`MessageStore::MAX_REPLACE_KEY_BYTES`] bytes; otherwise
+    /// [`Error::EmptyReplaceKey`] or [`Error::ReplaceKeyTooLong`] at the send.
+    pub fn replace_key(mut self, key: impl Into<String>) -> Self {
+        self.replace_key = Some(key.into());
+        self
+    }
+
+    /// Queues the message for one user.
+    ///
+    /// # Errors
+    /// As for [`Spool::message_user`], plus [`Error::EmptyReplaceKey`],
+    /// [`Error::ReplaceKeyTooLong`] and [`Error::InvalidExpiry`] before
+    /// anything is written.
+    pub fn to_user(self, user: impl Into<UserId>) -> Result<()> {
+        self.to_users([user.into()])
+    }
+
+    /// Queues the message for every user in `users`, all or nothing (one
+    /// spool file), stored once by the store; a user listed twice gets it
+    /// once. An empty list writes nothing.
+    ///
+    /// # Errors
+    /// As for [`to_user`](Self::to_user).
+    pub fn to_users<U: Into<UserId>>(self, users: impl IntoIterator<Item = U>) -> Result<()> {
+        let users: Vec<UserId> = users.into_iter().map(Into::into).collect();
+        let dirs = match &self.spool.target {
+            Target::Store(store) => return self.draft(store).to_users(users).map(drop),
+            Target::Dir(dirs) => dirs,
+        };
+        let entry = self.entry(false)?;
+        users.iter().try_for_each(key::check_user)?;
+        if users.is_empty() {
+            return Ok(());
+        }
+        let entry = Entry {
+            users: users.iter().map(SpoolUser::from).collect(),
+            ..entry
+        };
+        write_entry(dirs, &encode(&entry))
+    }
+
+    /// Queues an announcement to every user: once the store takes it in,
+    /// each user who reads their queue before it expires gets it once,
+    /// users the store has never seen included (see
+    /// [`Draft::to_everyone`](crate::Draft::to_everyone)). Give
+    /// announcements an expiry.
+    ///
+    /// On a directory spool, an announcement below the store's minimum
+    /// level is dropped when the store takes it in, with a warning in its
+    /// log (the sender cannot know the store's minimum); on Redis it is
+    /// refused at once with [`Error::BelowMinimumLevel`].
+    ///
+    /// # Errors
+    /// As for [`to_user`](Self::to_user).
+    pub fn to_everyone(self) -> Result<()> {
+        let dirs = match &self.spool.target {
+            Target::Store(store) => return self.draft(store).to_everyone().map(drop),
+            Target::Dir(dirs) => dirs,
+        };
+        write_entry(dirs, &encode(&self.entry(true)?))
+    }
+
+    /// The same message as a store's draft (a spool on Redis).
+    fn draft(self, store: &MessageStore) -> crate::Draft<'_> {
+        let mut draft = store.compose(self.text, self.level);
+        draft = match self.expiry {
+            Expiry::Default => draft,
+            Expiry::After(after) => draft.expires_after(after),
+            Expiry::Never => draft.never_expires(),
+        };
+        match self.replace_key {
+            Some(key) => draft.replace_key(key),
+            None => draft,
+        }
+    }
+
+    /// The spool entry, checked, without recipients.
+    fn entry(self, everyone: bool) -> Result<Entry> {
+        // The store's default limits: it checks its own again at intake.
+        Rules::default().check_text(&self.text)?;
+        if let Some(replace_key) = &self.replace_key {
+            key::check_replace_key(replace_key)?;
+        }
+        if let Expiry::After(after) = self.expiry {
+            key::check_expiry(after)?;
+        }
+        let sent_at_ms = now_ms();
+        Ok(Entry {
+            users: Vec::new(),
+            level: self.level as u8,
+            text: self.text,
+            sent_at_ms,
+            expires_at_ms: match self.expiry {
+                Expiry::After(after) => Some(
+                    sent_at_ms.saturating_add(u64::try_from(after.as_millis()).unwrap_or(u64::MAX)),
+                ),
+                Expiry::Default | Expiry::Never => None,
+            },
+            never_expires: matches!(self.expiry, Expiry::Never),
+            replace_key: self.replace_key,
+            everyone,
+        })
     }
 }
 

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod child;
+pub mod clock;
 #[cfg(feature = "axum")]
 pub mod demo;
 pub mod engines;

@@ -1,7 +1,7 @@
 //! One function per command.
 
 use std::io::{BufWriter, Write};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_messages::{Error, Level, Message, MessageStore, UserId};
 
@@ -14,49 +14,88 @@ use crate::{Failure, ndjson, write_failure};
 /// retried; a queue with more damaged records than this is given up on.
 const MAX_DAMAGED_PER_READ: usize = 10_000;
 
+/// Who a `send` goes to.
+#[derive(Debug)]
+pub(crate) enum To {
+    User(UserId),
+    /// An announcement.
+    Everyone,
+}
+
+/// What `send` says beyond the text.
+#[derive(Debug)]
+pub(crate) struct SendOptions<'a> {
+    pub(crate) level: &'a str,
+    pub(crate) expires_after: Option<&'a str>,
+    pub(crate) replace_key: Option<&'a str>,
+}
+
 pub(crate) fn send(
     target: &Target,
-    user: UserId,
+    to: &To,
     text: String,
-    level: &str,
-    expires_after: Option<&str>,
+    options: &SendOptions<'_>,
 ) -> Result<(), Failure> {
-    if let Some(duration) = expires_after {
-        return Err(format!(
-            "--expires-after {duration} needs message expiry, which this version of async-messages does not support yet; nothing was stored"
-        )
-        .into());
-    }
-    let level: Level = level.parse().map_err(|e: Error| e.to_string())?;
-    // The spool checks these too, but only after creating the store's
-    // directory: refuse first, so that bad input leaves nothing behind.
-    if text.is_empty() {
-        return Err(target.failure(Error::EmptyMessage));
-    }
-    if text.len() > MessageStore::DEFAULT_MAX_MESSAGE_BYTES {
-        return Err(target.failure(Error::MessageTooLarge {
-            size: text.len(),
-            limit: MessageStore::DEFAULT_MAX_MESSAGE_BYTES,
-        }));
+    let level: Level = options.level.parse().map_err(|e: Error| e.to_string())?;
+    let expires_after = options
+        .expires_after
+        .map(text::parse_duration)
+        .transpose()?;
+    // The spool checks everything too, but only after creating the store's
+    // directory: refuse first, so that bad input leaves nothing behind. A
+    // dry run in memory checks with the store's own rules and errors.
+    let dry_run = MessageStore::in_memory();
+    let checked = compose(
+        dry_run.compose(text.as_str(), level),
+        expires_after,
+        options.replace_key,
+    )
+    .to_user(0_u64);
+    if let Err(error) = checked {
+        return Err(target.failure(error));
     }
     let spool = target.spool()?;
-    spool
-        .message_user(user.clone(), text, level)
-        .map_err(|e| target.failure(e))?;
+    let mut draft = spool.compose(text, level);
+    if let Some(after) = expires_after {
+        draft = draft.expires_after(after);
+    }
+    if let Some(key) = options.replace_key {
+        draft = draft.replace_key(key);
+    }
+    let sent = match to {
+        To::User(user) => draft.to_user(user.clone()),
+        To::Everyone => draft.to_everyone(),
+    };
+    sent.map_err(|e| target.failure(e))?;
+    let whom = match to {
+        To::User(user) => format!("for user {user}"),
+        To::Everyone => "for everyone".to_owned(),
+    };
+    let what = match to {
+        To::User(_) => a_message(level),
+        To::Everyone => format!("{} announcement", article(level)),
+    };
+    let mut notes = Vec::new();
+    if let Some(after) = expires_after {
+        notes.push(format!("expires in {}", humantime::format_duration(after)));
+    }
+    if let Some(key) = options.replace_key {
+        notes.push(format!("replaces a queued message with the key {key:?}"));
+    }
+    let details = if notes.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", notes.join("; "))
+    };
     match target {
         Target::Dir(path) => say!(
-            "Queued {} for user {user} in the spool of the store at {}; the app takes it in at once if it runs, or when it next opens the store.",
-            a_message(level),
+            "Queued {what} {whom}{details} in the spool of the store at {}; the app takes it in at once if it runs, or when it next opens the store.",
             path.display()
         ),
         Target::Redis { .. } if level < Level::Info => {
             say!("Nothing was stored: a debug message is below the store's minimum level, info.")
         }
-        Target::Redis { .. } => say!(
-            "Queued {} for user {user} in {}.",
-            a_message(level),
-            target.describe()
-        ),
+        Target::Redis { .. } => say!("Queued {what} {whom}{details} in {}.", target.describe()),
     }
     if level < Level::Info && !target.is_redis() {
         eprintln!(
@@ -64,6 +103,21 @@ pub(crate) fn send(
         );
     }
     Ok(())
+}
+
+/// `draft` with an expiry and a replace key, when given.
+fn compose<'a>(
+    mut draft: async_messages::Draft<'a>,
+    expires_after: Option<Duration>,
+    replace_key: Option<&str>,
+) -> async_messages::Draft<'a> {
+    if let Some(after) = expires_after {
+        draft = draft.expires_after(after);
+    }
+    if let Some(key) = replace_key {
+        draft = draft.replace_key(key);
+    }
+    draft
 }
 
 pub(crate) fn peek(target: &Target, user: &UserId, as_json: bool) -> Result<(), Failure> {
@@ -126,6 +180,8 @@ pub(crate) fn export(target: &Target) -> Result<(), Failure> {
                 level: message.level().as_str(),
                 text: message.text(),
                 sent_at_ms: json::sent_at_ms(message),
+                expires_at_ms: json::expires_at_ms(message),
+                replace_key: message.replace_key(),
             };
             writeln!(out, "{}", json::to_line(&line)).map_err(write_failure)?;
             messages += 1;
@@ -150,9 +206,26 @@ pub(crate) fn import(target: &Target) -> Result<(), Failure> {
     let store = target.open_or_create()?;
     let mut users = std::collections::HashSet::new();
     let mut stored = 0_u64;
-    for (done, send) in sends.iter().enumerate() {
-        let sent = store.message_users(send.users.iter(), send.text.as_str(), send.level);
-        if let Err(error) = sent {
+    let mut expired = 0_u64;
+    let mut imported = 0_u64;
+    for send in &sends {
+        let draft = store.compose(send.text.as_str(), send.level);
+        let draft = match send.replace_key.as_deref() {
+            Some(key) => draft.replace_key(key),
+            None => draft,
+        };
+        // Each message keeps its expiry time, not its duration.
+        let draft = match send.expires_at_ms {
+            None => draft.never_expires(),
+            Some(at) => match at.checked_sub(ndjson::now_ms()).filter(|left| *left > 0) {
+                Some(left) => draft.expires_after(Duration::from_millis(left)),
+                None => {
+                    expired += send.users.len() as u64;
+                    continue;
+                }
+            },
+        };
+        if let Err(error) = draft.to_users(send.users.iter()) {
             // Make what was stored durable before saying it was.
             let _ = store.flush();
             let Failure::Said(why) = target.failure(error) else {
@@ -162,12 +235,13 @@ pub(crate) fn import(target: &Target) -> Result<(), Failure> {
                 "the import stopped at the send with id {} (line {}): {why}; the {} before it ({}) were stored, the rest were not",
                 send.id,
                 send.line,
-                plural(done as u64, "send", "sends"),
+                plural(imported, "send", "sends"),
                 plural(stored, "message", "messages"),
             )
             .into());
         }
         stored += send.users.len() as u64;
+        imported += 1;
         users.extend(send.users.iter());
     }
     // The store was opened with periodic durability: one flush (and
@@ -176,11 +250,18 @@ pub(crate) fn import(target: &Target) -> Result<(), Failure> {
     say!(
         "Imported {} ({}, from {}) for {} into {}; they have new ids and send times.",
         plural(stored, "message", "messages"),
-        plural(sends.len() as u64, "send", "sends"),
+        plural(imported, "send", "sends"),
         plural(lines, "line", "lines"),
         plural(users.len() as u64, "user", "users"),
         target.describe()
     );
+    if expired > 0 {
+        eprintln!(
+            "note: {} had expired by now and {} skipped",
+            plural(expired, "message", "messages"),
+            if expired == 1 { "was" } else { "were" }
+        );
+    }
     Ok(())
 }
 
@@ -279,11 +360,16 @@ pub(crate) fn check(target: &Target, as_json: bool) -> Result<(), Failure> {
 
 /// "an info message", "a success message".
 fn a_message(level: Level) -> String {
+    format!("{} message", article(level))
+}
+
+/// "an info", "a success".
+fn article(level: Level) -> String {
     let article = match level {
         Level::Info | Level::Error => "an",
         _ => "a",
     };
-    format!("{article} {level} message")
+    format!("{article} {level}")
 }
 
 /// A user's queue, without removing it. A damaged record is moved to

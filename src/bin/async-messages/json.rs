@@ -2,20 +2,23 @@
 //! `--help` and in README's "Command-line tool" section. New fields may be
 //! added; none is renamed or removed without a major version.
 
-use std::time::UNIX_EPOCH;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_messages::{Message, QuarantinedRecord, Stats, UserId};
 use serde::Serialize;
 
 pub(crate) const PEEK_HELP: &str = "\
 JSON (--json): one object
-  {\"user\": 42, \"messages\": [{\"id\": 12, \"level\": \"info\", \"text\": \"...\", \"sent_at_ms\": 1735689600000}]}
+  {\"user\": 42, \"messages\": [{\"id\": 12, \"level\": \"info\", \"text\": \"...\", \"sent_at_ms\": 1735689600000,
+                                 \"expires_at_ms\": null, \"replace_key\": null}]}
   user        the user: a number for an integer id, a string for a string id
-  messages    oldest first; for each:
-    id          the id of the send (shared by every recipient of one send)
-    level       debug, info, success, warning or error
-    text        the text, exactly as sent (not escaped)
-    sent_at_ms  when it was sent, in milliseconds since the Unix epoch";
+  messages    oldest first, as the user would get them (expired and replaced ones left out); for each:
+    id             the id of the send (shared by every recipient of one send)
+    level          debug, info, success, warning or error
+    text           the text, exactly as sent (not escaped)
+    sent_at_ms     when it was sent, in milliseconds since the Unix epoch
+    expires_at_ms  when it expires, in milliseconds since the Unix epoch; null: kept until delivered
+    replace_key    its replace key, or null";
 
 pub(crate) const STATS_HELP: &str = "\
 JSON (--json): one object
@@ -28,14 +31,21 @@ JSON (--json): one object
 
 pub(crate) const EXPORT_HELP: &str = "\
 Format: NDJSON, one object per line and per (user, message), in (user, send order) order
-  {\"id\": 12, \"user\": 42, \"level\": \"info\", \"text\": \"...\", \"sent_at_ms\": 1735689600000}
-  id          the id of the send; lines of one send to many users share it
-  user        a number for an integer id, a string for a string id
-  level       debug, info, success, warning or error (import also takes 10 to 40)
-  text        the text, exactly as sent
-  sent_at_ms  when it was sent, in milliseconds since the Unix epoch
-Import refuses a line with any other field (an `expires_at_ms` that is null is accepted).
-It gives the messages new ids and send times: the store stamps a send when it stores it.";
+  {\"id\": 12, \"user\": 42, \"level\": \"info\", \"text\": \"...\", \"sent_at_ms\": 1735689600000,
+   \"expires_at_ms\": null, \"replace_key\": null}
+  id             the id of the send; lines of one send to many users share it
+  user           a number for an integer id, a string for a string id
+  level          debug, info, success, warning or error (import also takes 10 to 40)
+  text           the text, exactly as sent
+  sent_at_ms     when it was sent, in milliseconds since the Unix epoch
+  expires_at_ms  when it expires, in milliseconds since the Unix epoch; null: kept until delivered
+  replace_key    its replace key (at most 256 bytes), or null
+Only messages a user would still get are exported (not expired, not replaced). An
+announcement to everyone is exported as one line for each user the store knows who has
+not had it yet (and imported as a send to those users).
+Import refuses a line with any other field; `sent_at_ms`, `expires_at_ms` and `replace_key`
+may be left out. It gives the messages new ids and send times (the store stamps a send when
+it stores it) but keeps each expiry time: a message already expired is skipped, with a note.";
 
 pub(crate) const CHECK_HELP: &str = "\
 JSON (--json): one object
@@ -71,6 +81,8 @@ pub(crate) struct JsonMessage<'a> {
     pub(crate) level: &'static str,
     pub(crate) text: &'a str,
     pub(crate) sent_at_ms: u64,
+    pub(crate) expires_at_ms: Option<u64>,
+    pub(crate) replace_key: Option<&'a str>,
 }
 
 impl<'a> From<&'a Message> for JsonMessage<'a> {
@@ -80,6 +92,8 @@ impl<'a> From<&'a Message> for JsonMessage<'a> {
             level: message.level().as_str(),
             text: message.text(),
             sent_at_ms: sent_at_ms(message),
+            expires_at_ms: expires_at_ms(message),
+            replace_key: message.replace_key(),
         }
     }
 }
@@ -99,6 +113,8 @@ pub(crate) struct ExportLine<'a> {
     pub(crate) level: &'static str,
     pub(crate) text: &'a str,
     pub(crate) sent_at_ms: u64,
+    pub(crate) expires_at_ms: Option<u64>,
+    pub(crate) replace_key: Option<&'a str>,
 }
 
 /// `stats --json`.
@@ -157,9 +173,16 @@ impl<'a> From<&'a QuarantinedRecord> for JsonQuarantined<'a> {
 }
 
 pub(crate) fn sent_at_ms(message: &Message) -> u64 {
-    message
-        .sent_at()
-        .duration_since(UNIX_EPOCH)
+    millis(message.sent_at())
+}
+
+pub(crate) fn expires_at_ms(message: &Message) -> Option<u64> {
+    message.expires_at().map(millis)
+}
+
+/// Milliseconds since the Unix epoch (0 before it).
+fn millis(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 

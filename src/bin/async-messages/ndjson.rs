@@ -11,7 +11,15 @@ use serde_json::{Map, Value};
 use crate::Failure;
 
 /// The fields an export line has.
-const FIELDS: [&str; 5] = ["id", "user", "level", "text", "sent_at_ms"];
+const FIELDS: [&str; 7] = [
+    "id",
+    "user",
+    "level",
+    "text",
+    "sent_at_ms",
+    "expires_at_ms",
+    "replace_key",
+];
 
 /// One send of the original store, to every user whose line carried its id.
 #[derive(Debug, PartialEq, Eq)]
@@ -19,6 +27,9 @@ pub(crate) struct Send {
     pub(crate) id: u64,
     pub(crate) level: Level,
     pub(crate) text: String,
+    /// Milliseconds since the Unix epoch; `None`: kept until delivered.
+    pub(crate) expires_at_ms: Option<u64>,
+    pub(crate) replace_key: Option<String>,
     /// In the order of their lines.
     pub(crate) users: Vec<UserId>,
     /// The first line that named this send (1-based), for messages.
@@ -44,7 +55,14 @@ pub(crate) fn read(input: impl BufRead) -> Result<(Vec<Send>, u64), Failure> {
             continue;
         }
         lines += 1;
-        let (id, user, level, text) = parse_line(line, number)?;
+        let Line {
+            id,
+            user,
+            level,
+            text,
+            expires_at_ms,
+            replace_key,
+        } = parse_line(line, number)?;
         match last.entry(user.clone()) {
             Entry::Occupied(mut seen) => {
                 let (before, before_line) = *seen.get();
@@ -65,11 +83,21 @@ pub(crate) fn read(input: impl BufRead) -> Result<(Vec<Send>, u64), Failure> {
                 let send = sends
                     .get_mut(*known.get())
                     .ok_or_else(|| "internal: a send went missing".to_owned())?;
-                if send.text != text || send.level != level {
+                let differs = if send.text != text {
+                    Some("text")
+                } else if send.level != level {
+                    Some("level")
+                } else if send.expires_at_ms != expires_at_ms {
+                    Some("expiry")
+                } else if send.replace_key != replace_key {
+                    Some("replace key")
+                } else {
+                    None
+                };
+                if let Some(field) = differs {
                     return Err(format!(
-                        "line {number} has id {id}, as line {}, but another {}; the lines of one send carry the same text and level",
+                        "line {number} has id {id}, as line {}, but another {field}; the lines of one send carry the same text, level, expiry and replace key",
                         send.line,
-                        if send.text == text { "level" } else { "text" }
                     )
                     .into());
                 }
@@ -81,6 +109,8 @@ pub(crate) fn read(input: impl BufRead) -> Result<(Vec<Send>, u64), Failure> {
                     id,
                     level,
                     text,
+                    expires_at_ms,
+                    replace_key,
                     users: vec![user],
                     line: number,
                 });
@@ -91,7 +121,17 @@ pub(crate) fn read(input: impl BufRead) -> Result<(Vec<Send>, u64), Failure> {
     Ok((sends, lines))
 }
 
-fn parse_line(line: &str, number: usize) -> Result<(u64, UserId, Level, String), Failure> {
+/// One export line.
+struct Line {
+    id: u64,
+    user: UserId,
+    level: Level,
+    text: String,
+    expires_at_ms: Option<u64>,
+    replace_key: Option<String>,
+}
+
+fn parse_line(line: &str, number: usize) -> Result<Line, Failure> {
     let bad =
         |what: &str| -> Failure { format!("line {number} {what}; nothing was imported").into() };
     let object: Map<String, Value> = match serde_json::from_str(line) {
@@ -99,17 +139,8 @@ fn parse_line(line: &str, number: usize) -> Result<(u64, UserId, Level, String),
         Ok(_) => return Err(bad("is not a JSON object")),
         Err(e) => return Err(bad(&format!("is not valid JSON ({e})"))),
     };
-    for (name, value) in &object {
-        let known = FIELDS.contains(&name.as_str())
-            // Kept for a later version's expiry: only "never expires" is
-            // understood here.
-            || (name == "expires_at_ms" && value.is_null());
-        if name == "expires_at_ms" && !value.is_null() {
-            return Err(bad(
-                "has an expiry (expires_at_ms), which this version of async-messages does not support yet",
-            ));
-        }
-        if !known {
+    for name in object.keys() {
+        if !FIELDS.contains(&name.as_str()) {
             return Err(bad(&format!(
                 "has the field {name:?}, which this version does not know (an export line has {})",
                 FIELDS.join(", ")
@@ -165,7 +196,58 @@ fn parse_line(line: &str, number: usize) -> Result<(u64, UserId, Level, String),
     {
         return Err(bad("has a \"sent_at_ms\" that is not a whole number ≥ 0"));
     }
-    Ok((id, user, level, text))
+    let expires_at_ms = match object.get("expires_at_ms") {
+        None | Some(Value::Null) => None,
+        Some(at) => {
+            let at = at.as_u64().ok_or_else(|| {
+                bad("has an \"expires_at_ms\" that is neither null nor a whole number ≥ 0")
+            })?;
+            let latest = now_ms().saturating_add(
+                u64::try_from(MessageStore::MAX_EXPIRY.as_millis()).unwrap_or(u64::MAX),
+            );
+            if at > latest {
+                return Err(bad(&format!(
+                    "has an \"expires_at_ms\" of {at}, more than {} days from now, the longest expiry a store keeps",
+                    MessageStore::MAX_EXPIRY.as_secs() / 86_400
+                )));
+            }
+            Some(at)
+        }
+    };
+    let replace_key = match object.get("replace_key") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(key)) if key.is_empty() => {
+            return Err(bad("has an empty \"replace_key\""));
+        }
+        Some(Value::String(key)) if key.len() > MessageStore::MAX_REPLACE_KEY_BYTES => {
+            return Err(bad(&format!(
+                "has a replace key of {} bytes, over the limit of {} bytes",
+                key.len(),
+                MessageStore::MAX_REPLACE_KEY_BYTES
+            )));
+        }
+        Some(Value::String(key)) => Some(key.clone()),
+        Some(_) => {
+            return Err(bad(
+                "has a \"replace_key\" that is neither null nor a string",
+            ));
+        }
+    };
+    Ok(Line {
+        id,
+        user,
+        level,
+        text,
+        expires_at_ms,
+        replace_key,
+    })
+}
+
+/// This machine's clock, in milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]
@@ -189,12 +271,16 @@ mod tests {
 
 {"id":2,"user":"al","level":"error","text":"a","sent_at_ms":1}
 {"id":5,"user":"al","level":"info","text":"b","sent_at_ms":1,"expires_at_ms":null}
+{"id":11,"user":1,"level":"info","text":"d","expires_at_ms":7,"replace_key":"k"}
 "#,
         )?;
         let ids: Vec<u64> = sends.iter().map(|s| s.id).collect();
-        assert_eq!(ids, [2, 5, 9]);
+        assert_eq!(ids, [2, 5, 9, 11]);
         assert_eq!(sends[1].users, [UserId::Int(1), UserId::from("al")]);
+        assert_eq!(sends[1].expires_at_ms, None);
         assert_eq!(sends[2].level, Level::Warning);
+        assert_eq!(sends[3].expires_at_ms, Some(7));
+        assert_eq!(sends[3].replace_key.as_deref(), Some("k"));
         Ok(())
     }
 
@@ -220,8 +306,24 @@ mod tests {
                 "\"x\"",
             ),
             (
-                r#"{"id":1,"user":1,"level":"info","text":"a","expires_at_ms":9}"#,
-                "expiry",
+                r#"{"id":1,"user":1,"level":"info","text":"a","expires_at_ms":-9}"#,
+                "\"expires_at_ms\"",
+            ),
+            (
+                r#"{"id":1,"user":1,"level":"info","text":"a","expires_at_ms":99999999999999999}"#,
+                "3650 days",
+            ),
+            (
+                r#"{"id":1,"user":1,"level":"info","text":"a","replace_key":""}"#,
+                "empty \"replace_key\"",
+            ),
+            (
+                r#"{"id":1,"user":1,"level":"info","text":"a","replace_key":7}"#,
+                "\"replace_key\"",
+            ),
+            (
+                "{\"id\":2,\"user\":1,\"level\":\"info\",\"text\":\"a\"}\n{\"id\":2,\"user\":3,\"level\":\"info\",\"text\":\"a\",\"replace_key\":\"k\"}",
+                "another replace key",
             ),
             (
                 "{\"id\":2,\"user\":1,\"level\":\"info\",\"text\":\"a\"}\n{\"id\":1,\"user\":1,\"level\":\"info\",\"text\":\"b\"}",

@@ -4,15 +4,31 @@ use std::fmt::Write;
 
 use async_messages::Message;
 
-use crate::json::{hex, sent_at_ms};
+use crate::json::{expires_at_ms, hex, sent_at_ms};
 
 pub(crate) const SEND_HELP: &str = "\
 Examples:
   async-messages send /srv/app/messages 42 'Your export is ready' --level success
   async-messages send /srv/app/messages alice 'The nightly import failed' --level error
+  async-messages send /srv/app/messages 42 'Report ready' --replace-key report:42 --expires-after 1d
+  async-messages send /srv/app/messages --everyone 'Maintenance at 22:00' --expires-after 12h
   async-messages send redis://cache:6379/0 --namespace shop 42 'Welcome back'
-Output: one line saying where the message went. --expires-after is refused
-until the store supports expiry (exit code 1, nothing stored).";
+DURATION: a number and a unit, several added up: 500ms, 90s, 15m, 12h, 7days, 2weeks,
+'1h 30m'; from 1 ms to 3650 days. The expiry counts from now (on a directory, by this
+machine's clock), so a message that waits in the spool longer than that, because the
+app is stopped, is dropped unseen when the app takes it in.
+KEY: at most 256 bytes; a newer message with the same key replaces the user's queued one.
+Output: one line saying where the message went. A bad DURATION or KEY is an error
+(exit code 1) and nothing is stored.";
+
+/// Reads a DURATION such as `90s`, `15m`, `12h`, `7days` or `1h 30m`.
+pub(crate) fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text).map_err(|e| {
+        format!(
+            "--expires-after {text:?} is not a duration ({e}); write a number and a unit, such as 90s, 15m, 12h or 7days; nothing was stored"
+        )
+    })
+}
 
 /// `ms` since the Unix epoch as `2025-01-01 12:00:00 UTC`.
 pub(crate) fn utc(ms: u64) -> String {
@@ -65,18 +81,26 @@ pub(crate) fn plural(n: u64, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
 
-/// A user's messages, one block each: id, level, time, then the text with
-/// its later lines indented under the first.
+/// A user's messages, one block each: id, level, time (with its expiry
+/// and replace key, when it has them), then the text with its later lines
+/// indented under the first.
 pub(crate) fn messages(messages: &[Message]) -> String {
     let mut out = String::new();
     for message in messages {
-        let _ = writeln!(
+        let _ = write!(
             out,
             "#{}  {}  {}",
             message.id(),
             message.level(),
             utc(sent_at_ms(message))
         );
+        if let Some(at) = expires_at_ms(message) {
+            let _ = write!(out, "  expires {}", utc(at));
+        }
+        if let Some(key) = message.replace_key() {
+            let _ = write!(out, "  key {key:?}");
+        }
+        out.push('\n');
         for line in message.text().lines() {
             let _ = writeln!(out, "    {line}");
         }
@@ -107,5 +131,19 @@ mod tests {
         assert_eq!(size(1_318_912), "1.3 MiB (1318912 bytes)");
         assert_eq!(short_key(&[1, 0xab]), "01ab");
         assert!(short_key(&[7; 50]).ends_with("… (50 bytes)"));
+    }
+
+    #[test]
+    fn durations_read_as_documented() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("7days"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        for bad in ["", "soon", "10", "-5m", "1 fortnight"] {
+            let error = parse_duration(bad).expect_err(bad);
+            assert!(error.contains("is not a duration"), "{bad}: {error}");
+        }
     }
 }

@@ -7,7 +7,17 @@
 //! after the first, the messages come back when the lease times out instead
 //! of being lost; a commit whose reply was lost is retried, and the retry
 //! sees the `done` mark of the first try.
+//!
+//! Expiry and replace keys are judged here, in the client, with
+//! [`shown`](super::shown) and the store's clock: the scripts hand over
+//! everything a read takes, and the client hides what is not to be shown
+//! (a lease still holds it, so that its commit removes it). Each process
+//! thus judges expiry by its own clock. A background thread per handle
+//! (`reaper`) removes what has expired every
+//! [`REAP_EVERY`](super::REAP_EVERY); another (`live`, started by the
+//! first watch) relays other processes' sends to this process's watchers.
 
+mod live;
 mod pool;
 mod scripts;
 
@@ -15,15 +25,15 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::hash::{BuildHasher, RandomState};
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use redis::{Script, Value};
 
 use self::pool::Pool;
-use super::{Common, EmptyLease, Engine, LeaseState, Outgoing};
+use super::{Common, EmptyLease, Engine, LeaseState, Outgoing, shown};
 use crate::message::{BulkSend, MessageId, now_ms};
 use crate::recipients::Recipients;
 use crate::record::{self, QuarantinedRecord, Record};
@@ -44,6 +54,8 @@ struct Shared {
     scripts: Scripts,
     bulks: Mutex<BulkCache>,
     tokens: Tokens,
+    /// Whether the live subscriber thread runs (see `live.rs`).
+    live: Mutex<bool>,
 }
 
 struct Scripts {
@@ -55,6 +67,7 @@ struct Scripts {
     peek: Script,
     any: Script,
     quarantine: Script,
+    reap: Script,
 }
 
 /// The live bulk sends this process has read, by id. Bulk sends get their
@@ -73,10 +86,51 @@ type Candidates = Vec<(String, Arc<CachedBulk>)>;
 
 struct CachedBulk {
     message: Outgoing,
+    /// An announcement: every user is a recipient (`recipients` is empty;
+    /// the users who took it are in `ns:bt:F`).
     everyone: bool,
     recipients: Recipients,
 }
 
+impl CachedBulk {
+    /// Whether a read of `user`'s queue at `now_ms` looks at it. An expired
+    /// announcement is not (it reaches nobody any more); an expired bulk
+    /// send is, and is then taken unshown, as the other engines' copies.
+    fn lists(&self, user: &UserId, now_ms: u64) -> bool {
+        if self.everyone {
+            !self.message.expired(now_ms)
+        } else {
+            self.recipients.contains(user)
+        }
+    }
+
+    /// The commit script's count for it: recipients, or `*` for an
+    /// announcement (never removed by a commit).
+    fn commit_count(&self) -> String {
+        if self.everyone {
+            "*".to_owned()
+        } else {
+            self.recipients.len().to_string()
+        }
+    }
+}
+
+/// Keeps the messages that [`shown`] keeps, in order.
+fn only_shown(messages: Vec<Message>, now_ms: u64) -> Vec<Message> {
+    let keep = shown(&messages, now_ms);
+    messages
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(message, keep)| keep.then_some(message))
+        .collect()
+}
+
+/// An expiry time as a script argument ('' for none).
+fn expiry_arg(message: &Outgoing) -> String {
+    message
+        .expires_at_ms
+        .map_or_else(String::new, |at| at.to_string())
+}
 /// Lease tokens: unique across processes (a random start) and within one.
 struct Tokens(AtomicU64);
 
@@ -119,15 +173,55 @@ impl RedisEngine {
                 peek: Script::new(&scripts::peek()),
                 any: Script::new(&scripts::any()),
                 quarantine: Script::new(scripts::QUARANTINE),
+                reap: Script::new(&scripts::reap()),
             },
             bulks: Mutex::new(BulkCache::default()),
             tokens: Tokens::new(),
+            live: Mutex::new(false),
         };
         // Fails now, with the URL, if the server cannot be reached.
         shared.pool.run(|con| redis::cmd("PING").query::<()>(con))?;
-        Ok(RedisEngine {
-            shared: Arc::new(shared),
-        })
+        let shared = Arc::new(shared);
+        start_reaper(Arc::downgrade(&shared));
+        Ok(RedisEngine { shared })
+    }
+}
+
+/// How many expired entries one run of the reap script removes; a tick
+/// runs it again while it finds a full batch (up to `REAP_BATCHES` times).
+const REAP_BATCH: usize = 500;
+const REAP_BATCHES: usize = 200;
+
+/// Removes expired messages every [`REAP_EVERY`](super::REAP_EVERY) until
+/// the engine is dropped (it holds the engine only while reaping).
+fn start_reaper(shared: Weak<Shared>) {
+    let spawned = std::thread::Builder::new()
+        .name("async-messages-redis-reaper".into())
+        .spawn(move || {
+            let mut failing = false;
+            loop {
+                std::thread::sleep(super::REAP_EVERY);
+                let Some(shared) = shared.upgrade() else {
+                    return;
+                };
+                match shared.reap() {
+                    Ok(()) if failing => {
+                        failing = false;
+                        tracing::info!(url = shared.pool.url(), "the reaper reaches Redis again");
+                    }
+                    Ok(()) => {}
+                    // Once per outage: reads never show expired messages,
+                    // whenever they are removed.
+                    Err(error) if !failing => {
+                        failing = true;
+                        tracing::warn!(%error, "could not remove expired messages; trying again every second");
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "could not start the Redis store's reaper thread; expired messages are hidden but not removed");
     }
 }
 
@@ -152,12 +246,13 @@ impl Shared {
         mut call: impl FnMut(&str, &str, &[(String, Arc<CachedBulk>)]) -> Result<Option<T>>,
     ) -> Result<T> {
         loop {
+            let now_ms = self.common.now_ms();
             let (known, epoch, candidates) = {
                 let cache = self.bulks.lock();
                 let candidates: Vec<(String, Arc<CachedBulk>)> = cache
                     .bulks
                     .iter()
-                    .filter(|(_, bulk)| bulk.recipients.contains(user))
+                    .filter(|(_, bulk)| bulk.lists(user, now_ms))
                     .map(|(id, bulk)| (field(*id), bulk.clone()))
                     .collect();
                 (format!("({}", cache.known), cache.epoch.clone(), candidates)
@@ -355,7 +450,7 @@ impl Shared {
             };
             match record::decode_record(&value) {
                 Ok(Record::Inline(message)) => {
-                    lease.entries.push((field(id), 0));
+                    lease.entries.push((field(id), "0".to_owned()));
                     lease.messages.push(message.into_message(id));
                 }
                 Ok(_) => {
@@ -371,7 +466,7 @@ impl Shared {
                 continue;
             };
             let id = parse_field(f.as_bytes()).unwrap_or_default();
-            lease.entries.push((f, bulk.recipients.len()));
+            lease.entries.push((f, bulk.commit_count()));
             lease.messages.push(bulk.message.message(id));
         }
         if let Some((f, value, reason)) = damaged {
@@ -386,7 +481,66 @@ impl Shared {
             });
         }
         lease.messages.sort_by_key(|m| m.id);
+        // Expired and replaced ones stay in the lease, unshown: the commit
+        // removes them with the rest.
+        lease.messages = only_shown(std::mem::take(&mut lease.messages), self.common.now_ms());
         Ok(Some(lease))
+    }
+
+    /// Stores a bulk send (or, with `everyone`, an announcement) as one
+    /// record; returns its id.
+    fn store_bulk(&self, message: &Outgoing, everyone: bool, users: Recipients) -> Result<u64> {
+        let value = record::encode_bulk(message, everyone, &users);
+        let (id_key, bulks) = (self.key("id", b""), self.key("bulks", b""));
+        let sent = self.key("sent", self.tokens.next().as_bytes());
+        let exp = self.key("exp", b"");
+        let expires = expiry_arg(message);
+        let id: u64 = self.pool.run(|con| {
+            self.scripts
+                .bulk
+                .key(&id_key)
+                .key(&bulks)
+                .key(&sent)
+                .key(&exp)
+                .arg(&self.ns)
+                .arg(&value)
+                .arg(&expires)
+                .invoke(con)
+        })?;
+        // This process knows the record already: no fetch on its next read
+        // (`known` stays, so bulk sends committed in between are still fetched).
+        self.bulks.lock().bulks.insert(
+            id,
+            Arc::new(CachedBulk {
+                message: message.clone(),
+                everyone,
+                recipients: users,
+            }),
+        );
+        Ok(id)
+    }
+
+    /// Removes what has expired by this process's clock, in batches.
+    fn reap(&self) -> Result<()> {
+        let (exp, bulks) = (self.key("exp", b""), self.key("bulks", b""));
+        let now = self.common.now_ms().to_string();
+        let batch = REAP_BATCH.to_string();
+        for _ in 0..REAP_BATCHES {
+            let due: usize = self.pool.run(|con| {
+                self.scripts
+                    .reap
+                    .key(&exp)
+                    .key(&bulks)
+                    .arg(&self.ns)
+                    .arg(&now)
+                    .arg(&batch)
+                    .invoke(con)
+            })?;
+            if due < REAP_BATCH {
+                break;
+            }
+        }
+        Ok(())
     }
 
     fn unexpected(&self, reply: &Value) -> Error {
@@ -461,13 +615,24 @@ impl Engine for RedisEngine {
         }
         let shared = &self.shared;
         let value = record::encode_inline(message);
+        let prefixes = users
+            .iter()
+            .map(key::user_prefix)
+            .collect::<Result<Vec<_>>>()?;
         let mut call = shared.scripts.send.prepare_invoke();
         call.key(shared.key("id", b""))
-            .key(shared.key("sent", shared.tokens.next().as_bytes()));
-        for user in users {
-            call.key(shared.key("q", &key::user_prefix(user)?));
+            .key(shared.key("sent", shared.tokens.next().as_bytes()))
+            .key(shared.key("exp", b""));
+        for u in &prefixes {
+            call.key(shared.key("q", u));
         }
-        call.arg(value);
+        call.arg(&shared.ns)
+            .arg(value)
+            .arg(expiry_arg(message))
+            .arg(message.replace_key.as_deref().unwrap_or(""));
+        for u in &prefixes {
+            call.arg(u);
+        }
         let (id, recipients): (u64, u64) = shared.pool.run(|con| call.invoke(con))?;
         progress(recipients);
         Ok(BulkSend {
@@ -477,40 +642,19 @@ impl Engine for RedisEngine {
     }
 
     fn send_bulk(&self, users: Recipients, message: &Outgoing) -> Result<BulkSend> {
-        let shared = &self.shared;
-        let value = record::encode_bulk(message, false, &users);
-        let (id_key, bulks) = (shared.key("id", b""), shared.key("bulks", b""));
-        let sent = shared.key("sent", shared.tokens.next().as_bytes());
-        let id: u64 = shared.pool.run(|con| {
-            shared
-                .scripts
-                .bulk
-                .key(&id_key)
-                .key(&bulks)
-                .key(&sent)
-                .arg(&shared.ns)
-                .arg(&value)
-                .invoke(con)
-        })?;
         let recipients = users.len();
-        // This process knows the record already: no fetch on its next read
-        // (`known` stays, so bulk sends committed in between are still fetched).
-        shared.bulks.lock().bulks.insert(
-            id,
-            Arc::new(CachedBulk {
-                message: message.clone(),
-                everyone: false,
-                recipients: users,
-            }),
-        );
+        let id = self.shared.store_bulk(message, false, users)?;
         Ok(BulkSend {
             id: Some(MessageId(id)),
             recipients,
         })
     }
 
-    fn send_everyone(&self, _message: &Outgoing) -> Result<MessageId> {
-        Err(self.shared.unexpected(&Value::Nil))
+    fn send_everyone(&self, message: &Outgoing) -> Result<MessageId> {
+        let id = self
+            .shared
+            .store_bulk(message, true, Recipients::default())?;
+        Ok(MessageId(id))
     }
 
     fn drain(&self, user: &UserId) -> Result<Vec<Message>> {
@@ -532,6 +676,15 @@ impl Engine for RedisEngine {
 
     fn may_have_is_local(&self) -> bool {
         false
+    }
+
+    fn start_live(&self) -> Result<()> {
+        let mut started = self.shared.live.lock();
+        if !*started {
+            live::start(&self.shared)?;
+            *started = true;
+        }
+        Ok(())
     }
 
     fn peek(&self, user: &UserId) -> Result<Vec<Message>> {
@@ -597,7 +750,7 @@ impl Engine for RedisEngine {
         }
         messages.extend(untaken.iter().filter_map(|f| bulk_message(f)));
         messages.sort_by_key(|m| m.id);
-        Ok(messages)
+        Ok(only_shown(messages, shared.common.now_ms()))
     }
 
     fn lease(&self, user: &UserId) -> Result<Box<dyn LeaseState>> {
@@ -676,8 +829,9 @@ struct RedisLease {
     user: UserId,
     prefix: Vec<u8>,
     token: String,
-    /// (F, recipients of the bulk send F, or 0 for the user's own record).
-    entries: Vec<(String, u64)>,
+    /// (F, the commit script's count: recipients of the bulk send F, `*`
+    /// for an announcement, or 0 for the user's own record).
+    entries: Vec<(String, String)>,
     messages: Vec<Message>,
     open: bool,
 }
@@ -695,8 +849,14 @@ impl RedisLease {
         for (f, _) in &self.entries {
             call.arg(f);
         }
-        if let Err(error) = shared.pool.run(|con| call.invoke::<()>(con)) {
-            tracing::warn!(%error, user = %self.user, "could not release a lease; its messages come back when it times out");
+        match shared.pool.run(|con| call.invoke::<u64>(con)) {
+            // Back in the queue: an open page of this process may take them
+            // now (other processes hear of it through the script's PUBLISH).
+            Ok(back) if back > 0 => shared.common.notifier.user(&self.user),
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(%error, user = %self.user, "could not release a lease; its messages come back when it times out");
+            }
         }
     }
 }
@@ -713,9 +873,10 @@ impl LeaseState for RedisLease {
         call.key(shared.key("l", &self.prefix))
             .key(shared.key("done", self.token.as_bytes()))
             .arg(&shared.ns)
-            .arg(&self.token);
+            .arg(&self.token)
+            .arg(&self.prefix);
         for (f, recipients) in &self.entries {
-            call.arg(f).arg(recipients.to_string());
+            call.arg(f).arg(recipients);
         }
         // Retried for a few seconds if need be: a lost reply must not leave
         // the caller without the messages the commit took.

@@ -70,6 +70,12 @@ impl Pool {
         &self.url
     }
 
+    /// The client the pool connects with (URL, password, TLS), for a
+    /// connection of its own outside the pool (the live subscriber's).
+    pub(super) fn client(&self) -> Client {
+        self.client.clone()
+    }
+
     fn error(&self, error: RedisError) -> Error {
         Error::Redis {
             url: self.url.clone(),

@@ -18,10 +18,19 @@
 //! ns:l:u         HASH F -> kind ‖ token ‖ deadline ‖ [record]
 //!                                            leased: kind 'd' (the user's own
 //!                                            record follows) or 'b' (bulk send F)
-//! ns:bulks       ZSET F scored by id        live bulk sends
+//! ns:k:u         HASH replace key -> F       the newest queued own record with
+//!                                            each key (a hint: a send with the
+//!                                            key removes F if it is still queued)
+//! ns:bulks       ZSET F scored by id        live bulk sends and announcements
 //! ns:b:F         STRING bulk record          text + recipient set, stored once
+//!                                            (an announcement: "everyone", no set)
 //! ns:bt:F        SET of u                    recipients who took or leased it
-//! ns:bc:F        counter                     recipients who committed it
+//! ns:bc:F        counter                     recipients who committed it (not
+//!                                            kept for announcements, which stay
+//!                                            until they expire)
+//! ns:exp         ZSET scored by expiry time  what the reaper removes once due:
+//!                                            F ‖ u (own record F of user u) or
+//!                                            F (bulk send or announcement F)
 //! ns:done:T      STRING (expires in 10 s)    lease T was committed (for a retried commit)
 //! ns:sent:T      STRING (expires in 10 s)    send T was stored (for a retried send)
 //! ns:quarantine  LIST of quarantine entries  records that did not decode
@@ -30,8 +39,14 @@
 //!                                            the clients' caches start again
 //! ```
 //!
-//! Time is Redis's clock (`TIME`), so lease deadlines agree across
-//! processes and machines.
+//! Sends, bulk sends, announcements and releases `PUBLISH` to the channel
+//! `ns:live` (not a key): the payload is the user's prefix `u`, or `*` for
+//! a bulk send or an announcement, for every process's live watchers.
+//!
+//! Lease deadlines are on Redis's clock (`TIME`), so that they agree across
+//! processes and machines. Expiry times are on the clock of the process
+//! that judges them (the store's `Clock`): the reaper passes its own time,
+//! and reads filter in the client.
 
 /// Shared Lua functions, prepended to the scripts that need them.
 const PRELUDE: &str = r"
@@ -65,7 +80,10 @@ end
 ";
 
 /// One message, or one message for a few users under one id.
-/// KEYS: ns:id, ns:sent:T, then each recipient's ns:q:u. ARGV: record.
+/// KEYS: ns:id, ns:sent:T, ns:exp, then each recipient's ns:q:u. ARGV: ns,
+/// record, expiry time in ms ('' for none), replace key ('' for none), then
+/// each recipient's u (in the order of their KEYS). A keyed send removes
+/// the recipient's queued (not leased) record with the key, if any.
 /// Returns {id, recipients}. A second run with the same token T (a retry
 /// after a lost reply) returns the first run's answer and stores nothing.
 pub(super) const SEND: &str = r"
@@ -74,21 +92,38 @@ if done then
   local id, n = string.match(done, '^(%d+):(%d+)$')
   return {tonumber(id), tonumber(n)}
 end
+local ns, record, expires, rkey = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local id = redis.call('INCR', KEYS[1])
 local f = string.format('%020d', id)
 local n = 0
-for i = 3, #KEYS do
-  n = n + redis.call('HSETNX', KEYS[i], f, ARGV[1])
+for i = 4, #KEYS do
+  local u = ARGV[i + 1]
+  if redis.call('HSETNX', KEYS[i], f, record) == 1 then
+    n = n + 1
+    if rkey ~= '' then
+      local k = ns .. ':k:' .. u
+      local old = redis.call('HGET', k, rkey)
+      if old and redis.call('HDEL', KEYS[i], old) == 1 then
+        redis.call('ZREM', KEYS[3], old .. u)
+      end
+      redis.call('HSET', k, rkey, f)
+    end
+    if expires ~= '' then
+      redis.call('ZADD', KEYS[3], expires, f .. u)
+    end
+    redis.call('PUBLISH', ns .. ':live', u)
+  end
 end
 redis.call('SET', KEYS[2], string.format('%d:%d', id, n), 'PX', 10000)
 return {id, n}
 ";
 
-/// A bulk send: one record, visible from the moment it is added to
-/// ns:bulks, in the same step that gives it its id (so ids of bulk sends
-/// are in commit order, which the clients' caches rely on).
-/// KEYS: ns:id, ns:bulks, ns:sent:T. ARGV: ns, record. Returns the id;
-/// a retry with the same token T returns the first run's id.
+/// A bulk send or an announcement: one record, visible from the moment it
+/// is added to ns:bulks, in the same step that gives it its id (so ids of
+/// bulk sends are in commit order, which the clients' caches rely on).
+/// KEYS: ns:id, ns:bulks, ns:sent:T, ns:exp. ARGV: ns, record, expiry time
+/// in ms ('' for none). Returns the id; a retry with the same token T
+/// returns the first run's id.
 pub(super) const BULK: &str = r"
 local done = redis.call('GET', KEYS[3])
 if done then return tonumber(done) end
@@ -96,7 +131,11 @@ local id = redis.call('INCR', KEYS[1])
 local f = string.format('%020d', id)
 redis.call('SET', ARGV[1] .. ':b:' .. f, ARGV[2])
 redis.call('ZADD', KEYS[2], id, f)
+if ARGV[3] ~= '' then
+  redis.call('ZADD', KEYS[4], ARGV[3], f)
+end
 redis.call('SET', KEYS[3], string.format('%d', id), 'PX', 10000)
+redis.call('PUBLISH', ARGV[1] .. ':live', '*')
 return id
 ";
 
@@ -122,7 +161,7 @@ local own = redis.call('HGETALL', KEYS[1])
 for i = 1, #own, 2 do
   redis.call('HSET', KEYS[2], own[i], 'd' .. head .. own[i + 1])
 end
-if #own > 0 then redis.call('DEL', KEYS[1]) end
+if #own > 0 then redis.call('DEL', KEYS[1], ns .. ':k:' .. u) end
 local taken = {}
 for i = 7, #ARGV do
   local f = ARGV[i]
@@ -138,33 +177,41 @@ return {own, taken}
 }
 
 /// Commits lease `token`: removes its entries for good, all or none.
-/// KEYS: l, ns:done:token. ARGV: ns, token, then pairs (F, recipients of
-/// bulk send F or 0). Returns 1 (committed, now or by an earlier try) or
-/// 0 (expired: nothing removed).
+/// KEYS: l, ns:done:token. ARGV: ns, token, u, then pairs (F, recipients
+/// of bulk send F, or 0 for an own record, or '*' for an announcement,
+/// which is never removed here: it stays until it expires). Returns 1
+/// (committed, now or by an earlier try) or 0 (expired: nothing removed).
 pub(super) fn commit() -> String {
     format!(
         "{PRELUDE}{}",
         r"
 if redis.call('EXISTS', KEYS[2]) == 1 then return 1 end
-local ns, token = ARGV[1], ARGV[2]
+local ns, token, u = ARGV[1], ARGV[2], ARGV[3]
 local now = now_ms()
-for i = 3, #ARGV, 2 do
+for i = 4, #ARGV, 2 do
   local v = redis.call('HGET', KEYS[1], ARGV[i])
   if not v or string.sub(v, 2, 21) ~= token
-     or tonumber(string.sub(v, 22, 41)) <= now then
+     or (tonumber(string.sub(v, 22, 41)) or 0) <= now then
     return 0
   end
 end
-for i = 3, #ARGV, 2 do
+for i = 4, #ARGV, 2 do
   local f = ARGV[i]
   local v = redis.call('HGET', KEYS[1], f)
   redis.call('HDEL', KEYS[1], f)
   if string.sub(v, 1, 1) == 'b' then
-    local committed = redis.call('INCR', ns .. ':bc:' .. f)
-    if committed >= tonumber(ARGV[i + 1]) then
-      redis.call('DEL', ns .. ':b:' .. f, ns .. ':bt:' .. f, ns .. ':bc:' .. f)
-      redis.call('ZREM', ns .. ':bulks', f)
+    local need = tonumber(ARGV[i + 1])
+    -- A bulk send the reaper removed meanwhile has no counter to revive.
+    if need and redis.call('EXISTS', ns .. ':b:' .. f) == 1 then
+      local committed = redis.call('INCR', ns .. ':bc:' .. f)
+      if committed >= need then
+        redis.call('DEL', ns .. ':b:' .. f, ns .. ':bt:' .. f, ns .. ':bc:' .. f)
+        redis.call('ZREM', ns .. ':bulks', f)
+        redis.call('ZREM', ns .. ':exp', f)
+      end
     end
+  else
+    redis.call('ZREM', ns .. ':exp', f .. u)
   end
 end
 redis.call('SET', KEYS[2], '1', 'PX', 10000)
@@ -174,9 +221,11 @@ return 1
 }
 
 /// Releases lease `token`'s entries that it still holds, back into their
-/// place. KEYS: q, l. ARGV: ns, u, token, then F...
+/// place, and tells the live watchers. KEYS: q, l. ARGV: ns, u, token,
+/// then F... Returns how many entries came back.
 pub(super) const RELEASE: &str = r"
 local ns, u, token = ARGV[1], ARGV[2], ARGV[3]
+local back = 0
 for i = 4, #ARGV do
   local f = ARGV[i]
   local v = redis.call('HGET', KEYS[2], f)
@@ -187,9 +236,11 @@ for i = 4, #ARGV do
       redis.call('SREM', ns .. ':bt:' .. f, u)
     end
     redis.call('HDEL', KEYS[2], f)
+    back = back + 1
   end
 end
-return 1
+if back > 0 then redis.call('PUBLISH', ns .. ':live', u) end
+return back
 ";
 
 /// Reads without changing anything. KEYS: q, l, bulks. ARGV: ns, u,
@@ -249,3 +300,47 @@ elseif redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
 end
 return 1
 ";
+
+/// Removes what has expired by the caller's clock, at most a batch.
+/// KEYS: ns:exp, ns:bulks. ARGV: ns, now (ms, the caller's clock), batch
+/// size. A queued own record goes; a leased one is left to its lease (and
+/// looked at again a second later), unless the lease is past its deadline
+/// (its commit would fail): then it goes too. A bulk send or announcement
+/// goes with its taken set and counter. Safe to run in several processes
+/// at once: each member is handled once, and a second run finds nothing.
+/// Returns how many members were due.
+pub(super) fn reap() -> String {
+    format!(
+        "{PRELUDE}{}",
+        r"
+local ns, now = ARGV[1], tonumber(ARGV[2])
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
+local clock = nil
+for _, m in ipairs(due) do
+  local f = string.sub(m, 1, 20)
+  if #m <= 20 then
+    redis.call('DEL', ns .. ':b:' .. f, ns .. ':bt:' .. f, ns .. ':bc:' .. f)
+    redis.call('ZREM', KEYS[2], f)
+    redis.call('ZREM', KEYS[1], m)
+  else
+    local u = string.sub(m, 21)
+    local q, l = ns .. ':q:' .. u, ns .. ':l:' .. u
+    redis.call('HDEL', q, f)
+    local v = redis.call('HGET', l, f)
+    local deadline = v and tonumber(string.sub(v, 22, 41))
+    if deadline then
+      clock = clock or now_ms()
+    end
+    if deadline and deadline > clock then
+      redis.call('ZADD', KEYS[1], now + 1000, m)
+    else
+      if v then redis.call('HDEL', l, f) end
+      redis.call('ZREM', KEYS[1], m)
+    end
+    if redis.call('EXISTS', q) == 0 then redis.call('DEL', ns .. ':k:' .. u) end
+  end
+end
+return #due
+"
+    )
+}

@@ -5,6 +5,12 @@
 //! Exactly once: a file's messages and a mark naming the file are written in
 //! one sled transaction and made durable before the file is removed; a file
 //! whose mark exists is only removed. A mark whose file is gone is removed.
+//!
+//! A spooled message carries its sender's expiry (else the store's default
+//! expiry applies, counted from its send) and replace key. One that has
+//! expired by the store's clock when it is taken in is dropped with a log
+//! line, never stored. Once a send is durable, the recipients' watchers
+//! are woken (all of them for a bulk send or an announcement).
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -152,70 +158,129 @@ impl Inner {
         Ok(())
     }
 
-    /// Stores one spooled send with its mark, durably.
+    /// Stores one spooled send with its mark, durably, and wakes the
+    /// recipients' watchers.
     fn store_spooled(&self, name: &str, entry: Entry) -> Result<Outcome> {
         let Some(level) = Level::from_value(entry.level) else {
             return Ok(Outcome::Rejected(format!("unknown level {}", entry.level)));
         };
         let rules = self.rules;
         if level < rules.min_level {
+            if entry.everyone {
+                tracing::warn!(file = %name, %level, minimum = %rules.min_level, "dropping a spooled announcement below the store's minimum level");
+            }
             return Ok(Outcome::Dropped);
         }
         let users: BTreeSet<UserId> = entry.users.into_iter().map(UserId::from).collect();
         // The store's own rules, which may be stricter than the sender's.
         let checked = rules
             .check_text(&entry.text)
-            .and_then(|()| users.iter().try_for_each(key::check_user));
+            .and_then(|()| users.iter().try_for_each(key::check_user))
+            .and_then(|()| match &entry.replace_key {
+                Some(replace_key) => key::check_replace_key(replace_key),
+                None => Ok(()),
+            });
         if let Err(error) = checked {
             return Ok(Outcome::Rejected(error.to_string()));
         }
-        // Spooled sends carry no expiry yet: the store's default applies.
-        let expires_at_ms = rules.default_expiry.map(|after| {
-            entry
-                .sent_at_ms
-                .saturating_add(u64::try_from(after.as_millis()).unwrap_or(u64::MAX))
-        });
+        // The sender's expiry, else the store's default (from the send).
+        let expires_at_ms = match (entry.expires_at_ms, entry.never_expires) {
+            (Some(at), _) => Some(at),
+            (None, true) => None,
+            (None, false) => rules.default_expiry.map(|after| {
+                entry
+                    .sent_at_ms
+                    .saturating_add(u64::try_from(after.as_millis()).unwrap_or(u64::MAX))
+            }),
+        };
         let message = Outgoing {
             text: entry.text,
             level,
             sent_at_ms: entry.sent_at_ms,
             expires_at_ms,
-            replace_key: None,
+            replace_key: entry.replace_key,
         };
+        let now_ms = crate::clock::now_ms(&*self.clock);
+        if message.expired(now_ms) {
+            tracing::info!(file = %name, expired_at_ms = ?message.expires_at_ms, now_ms, "dropping a spooled message that expired before it was taken in");
+            return Ok(Outcome::Dropped);
+        }
+        if entry.everyone {
+            return self.store_spooled_announcement(name, message);
+        }
         self.backend.check_space()?;
-        if users.len() <= THRESHOLD {
-            let prefixes = users
-                .iter()
-                .map(key::user_prefix)
-                .collect::<Result<Vec<_>>>()?;
-            self.store_spooled_records(name, &message, &prefixes)?;
-        } else {
+        if users.len() > THRESHOLD {
             let mut set = Recipients::default();
-            for user in users {
-                set.push(user);
+            for user in &users {
+                set.push(user.clone());
             }
             set.seal();
             let value = record::encode_bulk(&message, false, &set);
+            {
+                let _commit = self.bulks.commit.lock();
+                let id = self.backend.next_id()?;
+                self.backend
+                    .insert_spooled(&[], Some((id, &value)), name.as_bytes())?;
+                self.count_recipients(&set, true);
+                self.bulks
+                    .push(Arc::new(Bulk::new(id, message, false, set)));
+            }
+            // Durable before the file goes, and before anyone is told.
+            self.commit()?;
+            self.notifier.everyone();
+            return Ok(Outcome::Stored);
+        }
+        let prefixes = users
+            .iter()
+            .map(key::user_prefix)
+            .collect::<Result<Vec<_>>>()?;
+        let id = self.store_spooled_records(name, &message, &prefixes)?;
+        self.commit()?;
+        if let Some(replace_key) = &message.replace_key {
+            // As the engine's own keyed sends do, once the new record is
+            // durable: each recipient's older queued records with the key
+            // go (they are hidden at read already; a bulk record's copies
+            // stay hidden there).
+            for prefix in &prefixes {
+                self.replace_older(prefix, self.index.slot(prefix), replace_key, id);
+            }
+        }
+        for user in &users {
+            self.notifier.user(user);
+        }
+        Ok(Outcome::Stored)
+    }
+
+    /// A spooled announcement to everyone: as the engine's own
+    /// `send_everyone` stores one (a bulk record whose set lists the users
+    /// who have taken it, none yet; not counted in the index), with the
+    /// mark in the same transaction. Durable before the file goes, then
+    /// every watcher is woken.
+    fn store_spooled_announcement(&self, name: &str, message: Outgoing) -> Result<Outcome> {
+        self.backend.check_space()?;
+        let takers = Recipients::default();
+        let value = record::encode_bulk(&message, true, &takers);
+        {
             let _commit = self.bulks.commit.lock();
             let id = self.backend.next_id()?;
             self.backend
                 .insert_spooled(&[], Some((id, &value)), name.as_bytes())?;
-            self.count_recipients(&set, true);
-            self.bulks.push(Arc::new(Bulk::new(id, message, false, set)));
+            self.bulks
+                .push(Arc::new(Bulk::new(id, message, true, takers)));
         }
-        // Durable before the file goes.
         self.commit()?;
+        self.notifier.everyone();
         Ok(Outcome::Stored)
     }
 
     /// A send to a few users: a record each, with the mark, in one
-    /// transaction, under every recipient's lock stripe.
+    /// transaction, under every recipient's lock stripe. Returns its id.
     fn store_spooled_records(
         &self,
         name: &str,
         message: &Outgoing,
         prefixes: &[Vec<u8>],
-    ) -> Result<()> {
+    ) -> Result<u64> {
         let id = self.backend.next_id()?;
         let value = record::encode_inline(message);
         let records: Vec<(Vec<u8>, Vec<u8>)> = prefixes
@@ -234,6 +299,6 @@ impl Inner {
             }
             return Err(error);
         }
-        Ok(())
+        Ok(id)
     }
 }
