@@ -47,6 +47,9 @@ pub(crate) struct Backend {
     quarantine: Tree,
     /// `expires_at_ms ‖ message key` for every record that expires.
     expiry: Tree,
+    /// One key, written and removed again to make sled move its log on
+    /// (see [`Backend::write_filler`]); empty otherwise.
+    filler: Tree,
     /// Marks of spool files taken in (by file name), written atomically
     /// with their messages; removed once the file is gone.
     spooled: Tree,
@@ -128,6 +131,7 @@ impl Backend {
             bulk: tree("bulk")?,
             quarantine: tree("quarantine")?,
             expiry: tree("expiry")?,
+            filler: tree("filler")?,
             spooled: tree("spooled")?,
             path: path.to_path_buf(),
             disk_reserve: options.disk_reserve,
@@ -438,10 +442,21 @@ impl Backend {
             .map_err(|e| self.err(e))
     }
 
-    /// How many entries the `expiry` tree holds (tests).
-    #[cfg(test)]
-    pub(crate) fn expiry_len(&self) -> usize {
-        self.expiry.len()
+    /// Writes about `bytes` to sled's log that are garbage at once (one key
+    /// set and removed again), so that sled fills and closes its current
+    /// segment: sled frees the segments it emptied only then, and moves
+    /// data out of the file's tail only as later segments fill.
+    pub(crate) fn write_filler(&self, bytes: u64) -> Result<()> {
+        const CHUNK: u64 = 8 << 10;
+        self.check_poisoned()?;
+        let value = [0_u8; CHUNK as usize];
+        for _ in 0..bytes.div_ceil(CHUNK) {
+            self.filler
+                .insert(b"filler", value.as_slice())
+                .and_then(|_| self.filler.remove(b"filler"))
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(())
     }
 
     /// Removes a record; `true` if it was there.
