@@ -23,8 +23,11 @@
 //! another user's prefix). Sequence numbers come from sled's `generate_id`:
 //! increasing, never reused, also across restarts.
 //!
-//! **Records.** Every value starts with a format version byte (now `1`),
-//! then a bincode body: level, send time and text.
+//! **Records.** Every value starts with a format version byte (now `2`),
+//! then a bincode body: level, send time, expiry time, replace key and
+//! text. Format 1 records (no expiry or key) are still read; opening a
+//! format 1 store moves its marker to 2, so an older release refuses it
+//! instead of mistaking new records for damage.
 //!
 //! **Bulk sends** are stored once. A send to more than 256 users writes one
 //! record in the `bulk` tree: level, send time, text and the recipient set
@@ -92,13 +95,48 @@
 //! it, sends fail with [`Error::DiskFull`] and store nothing, drains still
 //! work, and sends succeed again once space is freed.
 //!
-//! **What is kept.** Queued messages until drained; shared texts and bulk
+//! **What is kept.** Queued messages until drained or expired; shared texts and bulk
 //! records until their last recipient has drained; damaged records in the `quarantine` tree (see
 //! [`MessageStore::quarantined`]). Drained messages are removed, and sled
 //! reclaims their space as it rewrites its segments. At each clean close
 //! the store writes its record counts to `async-messages.clean` beside
 //! sled's files; `open` refuses with [`Error::DataLoss`] when fewer records
 //! come back (sled silently drops a damaged stretch of its log).
+//!
+//! **Expiry, replace keys, announcements** ([`MessageStore::compose`]).
+//! Records (format 2) carry an optional expiry time (wall clock, ms since
+//! the Unix epoch, from the store's [`Clock`]) and replace key. Every engine
+//! reads a user's queue through one rule: a message is shown unless it has
+//! expired or a later message in the queue has its key; a drain removes the
+//! unshown ones with the rest, unshown, and a lease takes them for its
+//! commit to remove. On sled, each expiring record also has an entry in the
+//! `expiry` tree (`expires_at_ms ‖ key`, written first), and the
+//! maintenance thread reaps what is due every second without anyone
+//! reading: records, shared texts, and bulk records and announcements as a
+//! whole, keeping the index exact beside drains and leases. sled 0.34 frees
+//! emptied log segments only when later writes fill new ones and shortens
+//! its file only from the end, so a store that stopped writing would keep
+//! its size; after a reap, while no one else writes, the reaper writes a
+//! little filler (at most what it reaped) until the files are small again.
+//! A keyed send removes the recipient's older queued copies with its key
+//! once it is durable (the new record is written first, so a crash in
+//! between leaves an old copy that the read rule hides), and takes their
+//! untaken older keyed bulk and announcement copies (a taken mark, never
+//! delivered). Before an expired keyed bulk send or announcement is reaped,
+//! the older messages it replaced go too, so they stay replaced.
+//! An announcement is a bulk record whose set lists the users who have
+//! *taken* it (every other user is a recipient); it is not counted in the
+//! index (it cannot count everyone), so the empty-queue check also asks
+//! the in-memory list of live announcements. Takers' marks are folded into
+//! the record like a bulk send's, and it lives until it expires.
+//!
+//! **Live delivery.** [`MessageStore::watch`] waits on one of 256 buckets
+//! of waiters picked by a hash of the user ([`Watch`]); the store wakes a
+//! user's bucket after a send is durable, every bucket after a bulk send or
+//! an announcement, and the engines wake users whose messages come back
+//! from a released lease or arrive through the spool. On Redis, sends
+//! `PUBLISH` to the store's channel and a subscriber thread wakes the
+//! buckets of this process.
 //!
 //! **One process.** sled locks the directory; a second open, in this process
 //! or another, gets [`Error::AlreadyOpen`]. Reopening right after the last
