@@ -13,11 +13,22 @@
 //! `expiry` tree (`expires_at_ms ‖ key`), which the reaper (on the
 //! maintenance thread, every [`REAP_EVERY`](super::REAP_EVERY)) reads up to
 //! the present, removing what is due without anyone reading; expired bulk
-//! records and announcements go as a whole. A keyed send removes the
+//! records and announcements go as a whole (see `Inner::reap_bulks` for how
+//! the index stays exact), and after a reap the reaper helps sled give the
+//! disk space back (`Inner::settle`).
+//!
+//! A replaced message never comes back. A keyed send removes the
 //! recipient's older unleased records with its key once it is durable (the
 //! new record comes first, so a crash in between leaves an old record that
-//! [`shown`](super::shown) hides); bulk and announcement copies are hidden
-//! at read instead.
+//! [`shown`](super::shown) hides) and takes their older copies of keyed
+//! bulk sends and announcements (a taken mark, undelivered). A keyed bulk
+//! send or announcement is only applied at read, and, when it is reaped,
+//! to every user who had not taken it. A released message that a newer one
+//! replaced meanwhile goes at the release.
+//!
+//! Announcements are bulk records for everyone (their set lists who took
+//! them); they are not in the index, so the empty-queue fast path also
+//! checks the live announcements in memory.
 
 mod backend;
 mod bulk;
