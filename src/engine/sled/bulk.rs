@@ -114,6 +114,11 @@ impl Bulk {
         true
     }
 
+    /// Whether the reaper has removed it (see [`kill`](Self::kill)).
+    pub(crate) fn is_dead(&self) -> bool {
+        self.taken.lock().dead
+    }
+
     /// Marks the record removed by the reaper and returns the users whose
     /// marks were noted since the last fold. Later
     /// [`note_taken`](Self::note_taken) calls return `false`.

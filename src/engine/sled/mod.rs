@@ -13,11 +13,22 @@
 //! `expiry` tree (`expires_at_ms ‖ key`), which the reaper (on the
 //! maintenance thread, every [`REAP_EVERY`](super::REAP_EVERY)) reads up to
 //! the present, removing what is due without anyone reading; expired bulk
-//! records and announcements go as a whole. A keyed send removes the
+//! records and announcements go as a whole (see `Inner::reap_bulks` for how
+//! the index stays exact), and after a reap the reaper helps sled give the
+//! disk space back (`Inner::settle`).
+//!
+//! A replaced message never comes back. A keyed send removes the
 //! recipient's older unleased records with its key once it is durable (the
 //! new record comes first, so a crash in between leaves an old record that
-//! [`shown`](super::shown) hides); bulk and announcement copies are hidden
-//! at read instead.
+//! [`shown`](super::shown) hides) and takes their older copies of keyed
+//! bulk sends and announcements (a taken mark, undelivered). A keyed bulk
+//! send or announcement is only applied at read, and, when it is reaped,
+//! to every user who had not taken it. A released message that a newer one
+//! replaced meanwhile goes at the release.
+//!
+//! Announcements are bulk records for everyone (their set lists who took
+//! them); they are not in the index, so the empty-queue fast path also
+//! checks the live announcements in memory.
 
 mod backend;
 mod bulk;
@@ -129,6 +140,8 @@ impl SledEngine {
             refs: Mutex::new(HashMap::new()),
             last_reap: Mutex::new(Instant::now()),
             filler_budget: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            writes_seen: AtomicU64::new(0),
             deferred: Mutex::new(Vec::new()),
             backend,
             _registration: registration,
@@ -163,16 +176,12 @@ impl Drop for SledEngine {
 /// How many `expiry` entries the reaper reads at a time.
 const REAP_BATCH: usize = 1024;
 
-/// The reaper writes at most 1/`FILLER_SHARE` of the bytes it removed as
-/// filler (see `Inner::settle`).
-const FILLER_SHARE: u64 = 4;
-
-/// Filler per reaper round: one segment of sled's log (sled's default
-/// segment size, which the store keeps).
-const FILLER_ROUND: u64 = 512 << 10;
+/// Filler per reaper round (see `Inner::settle`): two segments of sled's
+/// log (sled's default segment size is 512 KiB, which the store keeps).
+const FILLER_ROUND: u64 = 1 << 20;
 
 /// No filler once the store's files are this small.
-const SETTLED_BYTES: u64 = 4 << 20;
+const SETTLED_BYTES: u64 = 3 << 20;
 
 /// Lock stripes: a drain holds its user's stripe while it scans and removes,
 /// an insert while it inserts, so a drain sees each sender's messages as a prefix.
@@ -237,6 +246,10 @@ struct Inner {
     last_reap: Mutex<Instant>,
     /// Bytes of filler the reaper may still write (see `Inner::settle`).
     filler_budget: AtomicU64,
+    /// Counts writes (each `commit`), so that the reaper writes filler only
+    /// while no one else writes: `writes` as of the last reaper round.
+    writes: AtomicU64,
+    writes_seen: AtomicU64,
     /// Recipients of reaped bulk sends whose lease held the message when
     /// the reaper passed them: settled once the lease ends.
     deferred: Mutex<Vec<(Arc<Bulk>, Vec<u8>)>>,
@@ -567,6 +580,9 @@ impl SledLease {
     fn give_back(&mut self) {
         if let Some(collected) = self.collected.take() {
             self.inner.unlease(&collected, self.number);
+            if let Err(error) = self.inner.drop_replaced(&self.user, self.slot, &collected) {
+                tracing::warn!(%error, "could not remove released messages replaced meanwhile; they stay hidden while their replacement is queued");
+            }
             if collected.count() > 0 || !collected.bulks.is_empty() {
                 self.inner.notifier.user(&self.user);
             }
@@ -698,16 +714,147 @@ impl Inner {
             }
             removed.push(key);
         }
-        if removed.is_empty() {
+        if !removed.is_empty() {
+            self.backend.remove_messages(&removed)?;
+            self.index
+                .sub(slot, u32::try_from(removed.len()).unwrap_or(u32::MAX));
+            for entry in &expiries {
+                self.backend.remove_expiry(entry)?;
+            }
+            self.release_shared(&shared);
+        }
+        self.take_replaced_copies(prefix, slot, replace_key, below)
+    }
+
+    /// Takes (writes the taken mark of, undelivered) the user's untaken,
+    /// unleased copies of bulk sends and announcements older than `below`
+    /// with `replace_key`: replaced, they must not come back once their
+    /// replacement is delivered or reaped. With the user's stripe held.
+    fn take_replaced_copies(
+        &self,
+        prefix: &[u8],
+        slot: usize,
+        replace_key: &str,
+        below: u64,
+    ) -> Result<()> {
+        let bulks = self.bulks.snapshot();
+        let candidates = bulks.iter().filter(|bulk| {
+            bulk.id < below && bulk.message.replace_key.as_deref() == Some(replace_key)
+        });
+        let mut user = None;
+        for bulk in candidates {
+            // One being reaped is the reaper's (it replaces for it too).
+            if bulk.is_dead() {
+                continue;
+            }
+            let user = match &user {
+                Some(user) => user,
+                None => match key::decode_user(prefix) {
+                    Some(decoded) => user.insert(decoded),
+                    None => return Ok(()),
+                },
+            };
+            if !bulk.lists(user) {
+                continue;
+            }
+            let mark = key::message_key(prefix, bulk.id);
+            if self.backend.get_message(&mark)?.is_some() {
+                continue;
+            }
+            if self.leased_count.load(Ordering::Acquire) > 0
+                && self.leased.lock().contains_key(mark.as_slice())
+            {
+                continue;
+            }
+            self.backend
+                .insert_message(&mark, &record::encode_taken(&[]))?;
+            if !bulk.everyone {
+                self.index.sub(slot, 1);
+            }
+            // Dead since the check above: the reaper finds the mark.
+            if bulk.note_taken(user) && bulk.due() {
+                self.maintenance.fold(bulk.id);
+            }
+        }
+        Ok(())
+    }
+
+    /// After a lease is released: a released message with a replace key
+    /// that a newer message with its key (queued or leased) replaced
+    /// meanwhile stays replaced, also once that one is delivered or
+    /// reaped: it goes now.
+    fn drop_replaced(&self, user: &UserId, slot: usize, released: &Collected) -> Result<()> {
+        let text_key = |seq: u64| -> Result<Option<String>> {
+            Ok(match self.backend.get_text(seq)? {
+                Some(bytes) => record::decode_text(&bytes)
+                    .ok()
+                    .and_then(|text| text.replace_key),
+                None => None,
+            })
+        };
+        let mut keys: HashMap<String, u64> = HashMap::new();
+        let mut note = |key: Option<String>, id: u64| {
+            if let Some(key) = key {
+                let oldest = keys.entry(key).or_insert(id);
+                *oldest = (*oldest).min(id);
+            }
+        };
+        for (key, value) in &released.records {
+            let Some((_, seq)) = key::split_key(key) else {
+                continue;
+            };
+            match record::decode_record(value) {
+                Ok(Record::Inline(message)) => note(message.replace_key, seq),
+                Ok(Record::Shared) => note(text_key(seq)?, seq),
+                _ => {}
+            }
+        }
+        for (bulk, _) in &released.bulks {
+            note(bulk.message.replace_key.clone(), bulk.id);
+        }
+        if keys.is_empty() {
             return Ok(());
         }
-        self.backend.remove_messages(&removed)?;
-        self.index
-            .sub(slot, u32::try_from(removed.len()).unwrap_or(u32::MAX));
-        for entry in &expiries {
-            self.backend.remove_expiry(entry)?;
+        let prefix = key::user_prefix(user)?;
+        let _replace = self.stripe(slot).lock();
+        // The newest message with each key, queued or leased.
+        let mut newest: HashMap<String, u64> = HashMap::new();
+        let mut seen = |key: Option<String>, id: u64| {
+            if let Some(key) = key
+                && keys.contains_key(&key)
+            {
+                let latest = newest.entry(key).or_insert(id);
+                *latest = (*latest).max(id);
+            }
+        };
+        for (key, value) in self.backend.scan(&prefix)? {
+            let Some((_, seq)) = key::split_key(&key) else {
+                continue;
+            };
+            match record::decode_record(&value) {
+                Ok(Record::Inline(message)) => seen(message.replace_key, seq),
+                Ok(Record::Shared) => seen(text_key(seq)?, seq),
+                _ => {}
+            }
         }
-        self.release_shared(&shared);
+        for bulk in self.bulks.snapshot().iter() {
+            if bulk.message.replace_key.is_some()
+                && bulk.lists(user)
+                && self
+                    .backend
+                    .get_message(&key::message_key(&prefix, bulk.id))?
+                    .is_none()
+            {
+                seen(bulk.message.replace_key.clone(), bulk.id);
+            }
+        }
+        for (key, oldest) in keys {
+            if let Some(&latest) = newest.get(&key)
+                && latest > oldest
+            {
+                self.replace_older_locked(&prefix, slot, &key, latest)?;
+            }
+        }
         Ok(())
     }
 
@@ -845,8 +992,7 @@ impl Inner {
         };
         self.backend.remove_expiry(entry)?;
         let bytes = u64::try_from(entry.len() + key.len() + value_len).unwrap_or(u64::MAX);
-        self.filler_budget
-            .fetch_add(bytes / FILLER_SHARE, Ordering::AcqRel);
+        self.filler_budget.fetch_add(bytes, Ordering::AcqRel);
         if shared {
             self.release_shared(&[seq]);
         }
@@ -880,11 +1026,72 @@ impl Inner {
             .cloned()
             .collect();
         for bulk in expired {
+            if let Some(replace_key) = &bulk.message.replace_key
+                && !self.replace_for_untaken(&bulk, replace_key, stop)?
+            {
+                // Closing: the next open reaps it.
+                return Ok(());
+            }
             if self.retire_bulk(&bulk)? {
                 self.settle_recipients(&bulk, stop)?;
             }
         }
         Ok(())
+    }
+
+    /// Before an expired keyed bulk send or announcement goes: it replaced
+    /// the older messages with its key of every user who has not taken it
+    /// (reads hid them until now), so they go too, as if it had removed
+    /// them when it was sent. For an announcement that means every user
+    /// with messages: a scan of all keys, for this rare case. Done while
+    /// the record is still there, so that a crash cannot bring them back.
+    /// `false` if cut short because the store is closing.
+    fn replace_for_untaken(
+        &self,
+        bulk: &Arc<Bulk>,
+        replace_key: &str,
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> Result<bool> {
+        let replace = |prefix: &[u8]| -> Result<()> {
+            let Some(user) = key::decode_user(prefix) else {
+                return Ok(());
+            };
+            if !bulk.lists(&user) {
+                return Ok(());
+            }
+            let slot = self.index.slot(prefix);
+            let _replace = self.stripe(slot).lock();
+            let mark = key::message_key(prefix, bulk.id);
+            if self.backend.get_message(&mark)?.is_some() {
+                return Ok(());
+            }
+            self.replace_older_locked(prefix, slot, replace_key, bulk.id)
+        };
+        if bulk.everyone {
+            let mut last: Option<Vec<u8>> = None;
+            for item in self.backend.all_messages() {
+                if stop.load(Ordering::Acquire) {
+                    return Ok(false);
+                }
+                let (key, _) = item?;
+                let Some((prefix, _)) = key::split_key(&key) else {
+                    continue;
+                };
+                if last.as_deref() == Some(prefix) {
+                    continue;
+                }
+                last = Some(prefix.to_vec());
+                replace(prefix)?;
+            }
+        } else {
+            for user in bulk.recipients().users() {
+                if stop.load(Ordering::Acquire) {
+                    return Ok(false);
+                }
+                replace(&key::user_prefix(&user)?)?;
+            }
+        }
+        Ok(true)
     }
 
     /// Takes an expired bulk record out of the list and off the disk; for
@@ -901,8 +1108,7 @@ impl Inner {
         let bytes = (bulk.message.text.len() as u64)
             .saturating_add(bulk.recipients().len().saturating_mul(2))
             .saturating_add((marked.len()).saturating_mul(32));
-        self.filler_budget
-            .fetch_add(bytes / FILLER_SHARE, Ordering::AcqRel);
+        self.filler_budget.fetch_add(bytes, Ordering::AcqRel);
         if bulk.everyone {
             for user in marked.users() {
                 let prefix = key::user_prefix(&user)?;
@@ -948,10 +1154,6 @@ impl Inner {
                 continue;
             }
             self.index.sub(slot, 1);
-            if let Some(replace_key) = &bulk.message.replace_key {
-                // As if it had replaced them when it was sent.
-                self.replace_older_locked(&prefix, slot, replace_key, bulk.id)?;
-            }
         }
         Ok(())
     }
@@ -980,9 +1182,6 @@ impl Inner {
                 waiting.push((bulk, prefix));
             } else {
                 self.index.sub(slot, 1);
-                if let Some(replace_key) = &bulk.message.replace_key {
-                    self.replace_older_locked(&prefix, slot, replace_key, bulk.id)?;
-                }
             }
         }
         self.deferred.lock().extend(waiting);
@@ -996,25 +1195,35 @@ impl Inner {
     /// shortens its file only from the end. A store that stops writing
     /// (everything expired, no one sends) would keep its whole file: on a
     /// store emptied of 21 MiB of expired messages the file stayed at
-    /// 35 MiB for minutes. So after a reap, the reaper writes *filler*
-    /// (one key set and removed again, garbage at once) one segment per
-    /// round, while the file is larger than [`SETTLED_BYTES`], up to a
-    /// quarter of the bytes it removed ([`FILLER_SHARE`]): the same store
-    /// then came back to 2.5–3.5 MiB within 10 s (`tests/sled_expiry.rs`).
+    /// 35 MiB for minutes. So after a reap, while no one else writes
+    /// (other writes fill segments anyway) and the files are larger than
+    /// [`SETTLED_BYTES`], the reaper writes *filler* (one key set and
+    /// removed again, garbage at once), [`FILLER_ROUND`] per round, up to
+    /// as many bytes as it removed: the same store then came back to
+    /// 2.5–3.5 MiB within about 10 s (`tests/sled_expiry.rs`).
     fn settle(&self) {
+        let writes = self.writes.load(Ordering::Relaxed);
+        let quiet = self.writes_seen.swap(writes, Ordering::Relaxed) == writes;
         let budget = self.filler_budget.load(Ordering::Acquire);
-        if budget < FILLER_ROUND {
+        if !quiet || budget == 0 {
             return;
         }
         match self.backend.size_on_disk() {
             Ok(size) if size > SETTLED_BYTES => {}
-            // Small enough: keep the budget for after a later reap.
-            _ => return,
+            // Small enough: nothing to give back.
+            _ => {
+                self.filler_budget.store(0, Ordering::Release);
+                return;
+            }
         }
-        self.filler_budget.fetch_sub(FILLER_ROUND, Ordering::AcqRel);
-        if let Err(error) = self.backend.write_filler(FILLER_ROUND) {
+        let round = budget.min(FILLER_ROUND);
+        self.filler_budget.store(budget - round, Ordering::Release);
+        if let Err(error) = self.backend.write_filler(round) {
             tracing::warn!(%error, "could not write filler to help sled give disk space back");
         }
+        // The filler's own writes do not count as someone else's.
+        self.writes_seen
+            .store(self.writes.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 
     /// Wakes the watchers of users whose lease timed out since the last
@@ -1052,6 +1261,7 @@ impl Inner {
 
     /// Waits until earlier writes are durable, when the store promises that.
     fn commit(&self) -> Result<()> {
+        self.writes.fetch_add(1, Ordering::Relaxed);
         match &self.commit {
             Some(group) => group.wait(),
             None => Ok(()),
@@ -1241,20 +1451,16 @@ impl Inner {
                 continue;
             }
             let expired = bulk.expired(now_ms);
-            // An expired announcement never reached this user: it is as if
-            // it had not been sent (it replaces nothing).
-            if expired && bulk.everyone {
-                continue;
-            }
             let mark = key::message_key(prefix, bulk.id);
             if any_leased && is_leased(&mark) {
                 continue;
             }
             collected.messages.push(bulk.message.message(bulk.id));
             merged = true;
-            // An expired bulk send still replaces the user's older copies
-            // (as it did when sent), but is not taken: the reaper removes
-            // it as a whole.
+            // An expired bulk send or announcement still replaces the
+            // user's older messages with its key (until reaped, and the
+            // reaper then removes those), but is not taken: the reaper
+            // removes it as a whole.
             if !expired {
                 collected.bulks.push((bulk.clone(), mark));
             }
