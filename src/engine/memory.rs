@@ -110,9 +110,11 @@ impl State {
             });
             queue.retain(|id, entry| {
                 entry.is_leased(now)
-                    || !entry.body.replace_key.as_ref().is_some_and(|key| {
-                        gone.iter().any(|(newer, k)| newer > id && k == key)
-                    })
+                    || !entry
+                        .body
+                        .replace_key
+                        .as_ref()
+                        .is_some_and(|key| gone.iter().any(|(newer, k)| newer > id && k == key))
             });
             !queue.is_empty()
         });
@@ -383,13 +385,15 @@ impl MemoryLease {
             // A released message replaced meanwhile by a newer one with its
             // key (queued or leased) stays replaced.
             let newest: HashMap<String, u64> =
-                queue.iter().fold(HashMap::new(), |mut newest, (id, entry)| {
-                    if let Some(key) = &entry.body.replace_key {
-                        let seen = newest.entry(key.clone()).or_insert(*id);
-                        *seen = (*seen).max(*id);
-                    }
-                    newest
-                });
+                queue
+                    .iter()
+                    .fold(HashMap::new(), |mut newest, (id, entry)| {
+                        if let Some(key) = &entry.body.replace_key {
+                            let seen = newest.entry(key.clone()).or_insert(*id);
+                            *seen = (*seen).max(*id);
+                        }
+                        newest
+                    });
             for id in &self.ids {
                 let replaced = queue.get(id).is_some_and(|entry| {
                     entry.lease.is_none()
