@@ -795,6 +795,8 @@ impl Draft<'_> {
     /// commits, the old message was shown and the new one follows on the
     /// next read; if the lease is released (the page failed), the old one
     /// comes back and is dropped in favour of the newer one still queued.
+    /// If the newer one was delivered meanwhile (to another tab), the old
+    /// one was never shown, and it comes back once.
     ///
     /// Non-empty, at most [`MessageStore::MAX_REPLACE_KEY_BYTES`] bytes;
     /// otherwise [`Error::EmptyReplaceKey`] or [`Error::ReplaceKeyTooLong`]
