@@ -91,6 +91,43 @@ impl fmt::Display for Message {
     }
 }
 
+/// A message to store, already checked against the store's rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Outgoing {
+    pub(crate) text: String,
+    pub(crate) level: Level,
+    pub(crate) sent_at_ms: u64,
+    /// Milliseconds since the Unix epoch (the store's clock); `None` keeps
+    /// it until delivered.
+    pub(crate) expires_at_ms: Option<u64>,
+    /// A newer message with the same key replaces this one in its
+    /// recipient's queue.
+    pub(crate) replace_key: Option<String>,
+}
+
+impl Outgoing {
+    /// The message as delivered under `id`.
+    pub(crate) fn message(&self, id: u64) -> Message {
+        self.clone().into_message(id)
+    }
+
+    pub(crate) fn into_message(self, id: u64) -> Message {
+        Message {
+            id: MessageId(id),
+            level: self.level,
+            sent_at_ms: self.sent_at_ms,
+            expires_at_ms: self.expires_at_ms,
+            replace_key: self.replace_key,
+            text: self.text,
+        }
+    }
+
+    /// Whether it has expired at `now_ms`.
+    pub(crate) fn expired(&self, now_ms: u64) -> bool {
+        self.expires_at_ms.is_some_and(|at| at <= now_ms)
+    }
+}
+
 /// The outcome of a [`message_users`](crate::MessageStore::message_users) call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BulkSend {

@@ -19,7 +19,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::Level;
-use crate::engine::Outgoing;
+use crate::message::Outgoing;
 use crate::recipients::Recipients;
 
 /// The newest record format this library writes and reads. Version 2 added
