@@ -1,9 +1,8 @@
 //! Delivery over real HTTP: the web demo (`examples/web_demo.rs`) served on
-//! 127.0.0.1, driven by a client that carries the session cookie.
+//! 127.0.0.1, driven by a reqwest client that carries the session cookie.
 #![cfg(feature = "axum")]
 
 mod common;
-mod web_client;
 #[allow(dead_code)] // `main` and helpers the tests do not call.
 #[path = "../examples/web_demo.rs"]
 mod web_demo;
@@ -13,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use async_messages::DeliveryMode;
 use common::web::Served;
-use web_client::{Client, Response};
+use reqwest::blocking::{Client, RequestBuilder};
+use reqwest::header::HeaderMap;
 
 type TestResult = Result<(), Box<dyn Error>>;
 
@@ -24,9 +24,86 @@ fn start(mode: DeliveryMode) -> Result<Served, Box<dyn Error>> {
     })
 }
 
-/// A client of `server` logged in as `user`.
-fn login(server: &Served, user: &str) -> Result<Client, Box<dyn Error>> {
-    let mut client = Client::new(server.addr);
+/// A browser of one server: reqwest with its own cookie jar, redirects not
+/// followed (the tests look at them), a generous timeout for a busy machine.
+/// The server runs on its own runtime's threads, so the blocking client is
+/// used outside any runtime.
+struct Browser {
+    client: Client,
+    base: String,
+}
+
+/// A whole response, read so that failing checks can show its body.
+#[derive(Debug)]
+struct Response {
+    status: u16,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Response {
+    /// The first header named `name` (case-insensitive).
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|value| value.to_str().ok())
+    }
+}
+
+impl Browser {
+    fn new(server: &Served) -> Result<Browser, Box<dyn Error>> {
+        let client = Client::builder()
+            .cookie_store(true)
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(60))
+            .build()?;
+        Ok(Browser {
+            client,
+            base: format!("http://{}", server.addr),
+        })
+    }
+
+    /// A page load, as a browser's navigation sends it.
+    fn page(&self, path: &str) -> reqwest::Result<Response> {
+        self.get(
+            path,
+            &[
+                ("Accept", "text/html,application/xhtml+xml,*/*;q=0.8"),
+                ("Sec-Fetch-Mode", "navigate"),
+                ("Sec-Fetch-Dest", "document"),
+            ],
+        )
+    }
+
+    fn get(&self, path: &str, headers: &[(&str, &str)]) -> reqwest::Result<Response> {
+        let mut request = self.client.get(format!("{}{path}", self.base));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        read(request)
+    }
+
+    /// An `application/x-www-form-urlencoded` POST.
+    fn post_form(&self, path: &str, fields: &[(&str, &str)]) -> reqwest::Result<Response> {
+        read(
+            self.client
+                .post(format!("{}{path}", self.base))
+                .form(fields),
+        )
+    }
+}
+
+/// Sends `request` and reads the whole response.
+fn read(request: RequestBuilder) -> reqwest::Result<Response> {
+    let response = request.send()?;
+    Ok(Response {
+        status: response.status().as_u16(),
+        headers: response.headers().clone(),
+        body: response.text()?,
+    })
+}
+
+/// A browser of `server` logged in as `user`.
+fn login(server: &Served, user: &str) -> Result<Browser, Box<dyn Error>> {
+    let client = Browser::new(server)?;
     let response = client.post_form("/login", &[("user", user)])?;
     assert_eq!(response.status, 303, "login: {response:?}");
     assert!(
@@ -42,7 +119,7 @@ fn login(server: &Served, user: &str) -> Result<Client, Box<dyn Error>> {
     Ok(client)
 }
 
-fn send(client: &mut Client, to: &str, text: &str, level: &str) -> TestResult {
+fn send(client: &Browser, to: &str, text: &str, level: &str) -> TestResult {
     let response = client.post_form("/send", &[("to", to), ("text", text), ("level", level)])?;
     assert_eq!(response.status, 303, "send: {response:?}");
     assert_eq!(response.header("location"), Some("/"));
@@ -57,10 +134,10 @@ fn ok_page(response: Response) -> String {
 #[test]
 fn a_message_is_shown_on_the_next_page_once() -> TestResult {
     let server = start(DeliveryMode::AtMostOnce)?;
-    let mut ann = login(&server, "ann")?;
-    let mut bob = login(&server, "bob")?;
+    let ann = login(&server, "ann")?;
+    let bob = login(&server, "bob")?;
 
-    send(&mut ann, "ann, bob", "Budgets are due Friday", "warning")?;
+    send(&ann, "ann, bob", "Budgets are due Friday", "warning")?;
 
     let page = ok_page(ann.page("/")?);
     assert!(
@@ -88,13 +165,13 @@ fn anonymous_requests_see_nothing_and_take_nothing() -> TestResult {
     let server = start(DeliveryMode::AtMostOnce)?;
     server.store.info("ann", "Welcome back")?;
 
-    let mut anonymous = Client::new(server.addr);
+    let anonymous = Browser::new(&server)?;
     let page = ok_page(anonymous.page("/")?);
     assert!(!page.contains("Welcome back"), "{page}");
     assert!(page.contains("name=\"user\""), "the login form is shown");
 
     // Logged out, Ann is anonymous again.
-    let mut ann = login(&server, "ann")?; // (login's own page load shows it)
+    let ann = login(&server, "ann")?; // (login's own page load shows it)
     let response = ann.post_form("/logout", &[])?;
     assert_eq!(response.status, 303);
     server.store.info("ann", "While you were out")?;
@@ -113,8 +190,8 @@ fn anonymous_requests_see_nothing_and_take_nothing() -> TestResult {
 #[test]
 fn script_requests_do_not_take_the_pages_messages() -> TestResult {
     let server = start(DeliveryMode::AtMostOnce)?;
-    let mut ann = login(&server, "ann")?;
-    send(&mut ann, "ann", "Saved", "success")?;
+    let ann = login(&server, "ann")?;
+    send(&ann, "ann", "Saved", "success")?;
 
     let not_pages: [&[(&str, &str)]; 3] = [
         // XMLHttpRequest (jQuery and friends).
@@ -150,8 +227,8 @@ fn script_requests_do_not_take_the_pages_messages() -> TestResult {
 #[test]
 fn at_least_once_a_failing_page_does_not_lose_messages() -> TestResult {
     let server = start(DeliveryMode::AtLeastOnce)?;
-    let mut ann = login(&server, "ann")?;
-    send(&mut ann, "ann", "Your export finished", "info")?;
+    let ann = login(&server, "ann")?;
+    send(&ann, "ann", "Your export finished", "info")?;
 
     let response = ann.page("/broken")?;
     assert_eq!(response.status, 500);
@@ -178,8 +255,8 @@ fn at_least_once_a_failing_page_does_not_lose_messages() -> TestResult {
 #[test]
 fn at_most_once_a_failing_page_loses_its_messages() -> TestResult {
     let server = start(DeliveryMode::AtMostOnce)?;
-    let mut ann = login(&server, "ann")?;
-    send(&mut ann, "ann", "Your export finished", "info")?;
+    let ann = login(&server, "ann")?;
+    send(&ann, "ann", "Your export finished", "info")?;
 
     let response = ann.page("/broken")?;
     assert_eq!(response.status, 500);
@@ -192,9 +269,9 @@ fn at_most_once_a_failing_page_loses_its_messages() -> TestResult {
 #[test]
 fn html_in_messages_is_shown_as_text() -> TestResult {
     let server = start(DeliveryMode::AtMostOnce)?;
-    let mut ann = login(&server, "ann")?;
+    let ann = login(&server, "ann")?;
     send(
-        &mut ann,
+        &ann,
         "ann",
         "<script>alert(1)</script> & \"<img src=x onerror=alert(2)>\"",
         "error",
@@ -211,7 +288,7 @@ fn html_in_messages_is_shown_as_text() -> TestResult {
     assert!(!page.contains("<img src=x"), "raw: {page}");
 
     // User names are escaped too.
-    let mut other = Client::new(server.addr);
+    let other = Browser::new(&server)?;
     other.post_form("/login", &[("user", "<i>eve</i>")])?;
     let page = ok_page(other.page("/")?);
     assert!(
@@ -224,7 +301,7 @@ fn html_in_messages_is_shown_as_text() -> TestResult {
 #[test]
 fn a_report_finished_in_the_background_shows_on_a_later_page() -> TestResult {
     let server = start(DeliveryMode::AtMostOnce)?;
-    let mut ann = login(&server, "ann")?;
+    let ann = login(&server, "ann")?;
     let response = ann.post_form("/report", &[])?;
     assert_eq!(response.status, 303);
 
@@ -250,7 +327,7 @@ fn a_report_finished_in_the_background_shows_on_a_later_page() -> TestResult {
 #[test]
 fn bad_sends_are_refused_and_store_nothing() -> TestResult {
     let server = start(DeliveryMode::AtMostOnce)?;
-    let mut ann = login(&server, "ann")?;
+    let ann = login(&server, "ann")?;
     for fields in [
         [("to", "ann"), ("text", "hi"), ("level", "loud")],
         [("to", " , "), ("text", "hi"), ("level", "info")],
