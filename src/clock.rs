@@ -95,6 +95,12 @@ pub(crate) fn millis(time: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
+/// The expiry time of a message sent at `sent_at_ms` that expires `after`
+/// (saturating far in the future).
+pub(crate) fn deadline_ms(sent_at_ms: u64, after: Duration) -> u64 {
+    sent_at_ms.saturating_add(u64::try_from(after.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// `clock`'s time in milliseconds since the Unix epoch.
 pub(crate) fn now_ms(clock: &dyn Clock) -> u64 {
     millis(clock.now())

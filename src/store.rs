@@ -692,22 +692,17 @@ impl MessageStore {
         Ok(Watch::new(self.common.notifier.clone(), &prefix))
     }
 
-    fn check_text(&self, text: &str) -> Result<()> {
-        self.common.rules.check_text(text)
-    }
-
     /// The message a draft stores, or `None` below the minimum level.
     fn outgoing(&self, draft: Draft<'_>) -> Result<Option<Outgoing>> {
-        self.check_text(&draft.text)?;
-        if let Some(key) = &draft.replace_key {
-            key::check_replace_key(key)?;
-        }
+        check_draft(
+            &self.common.rules,
+            &draft.text,
+            draft.replace_key.as_deref(),
+            draft.expiry,
+        )?;
         let expiry = match draft.expiry {
             Expiry::Default => self.common.rules.default_expiry,
-            Expiry::After(after) => {
-                key::check_expiry(after)?;
-                Some(after)
-            }
+            Expiry::After(after) => Some(after),
             Expiry::Never => None,
         };
         if draft.level < self.common.rules.min_level {
@@ -718,17 +713,33 @@ impl MessageStore {
             text: draft.text,
             level: draft.level,
             sent_at_ms,
-            expires_at_ms: expiry.map(|after| {
-                sent_at_ms.saturating_add(u64::try_from(after.as_millis()).unwrap_or(u64::MAX))
-            }),
+            expires_at_ms: expiry.map(|after| crate::clock::deadline_ms(sent_at_ms, after)),
             replace_key: draft.replace_key,
         }))
     }
 }
 
-/// When a draft expires.
+/// The checks of a draft's text, replace key and expiry (a store's and a
+/// spool's): the first that fails is the error.
+pub(crate) fn check_draft(
+    rules: &Rules,
+    text: &str,
+    replace_key: Option<&str>,
+    expiry: Expiry,
+) -> Result<()> {
+    rules.check_text(text)?;
+    if let Some(replace_key) = replace_key {
+        key::check_replace_key(replace_key)?;
+    }
+    if let Expiry::After(after) = expiry {
+        key::check_expiry(after)?;
+    }
+    Ok(())
+}
+
+/// When a draft (of the store or of a spool) expires.
 #[derive(Debug, Clone, Copy)]
-enum Expiry {
+pub(crate) enum Expiry {
     /// The store's [`Builder::default_expiry`].
     Default,
     After(Duration),

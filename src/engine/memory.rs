@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use parking_lot::Mutex;
 
-use super::{Common, EmptyLease, Engine, LeaseState, Outgoing, shown};
+use super::{Common, EmptyLease, Engine, LeaseState, Outgoing, keep_shown};
 use crate::message::{BulkSend, MessageId};
 use crate::recipients::Recipients;
 use crate::record::QuarantinedRecord;
@@ -252,12 +252,7 @@ impl Engine for MemoryEngine {
         if queue.is_empty() {
             state.queues.remove(user);
         }
-        let shown = shown(&messages, now_ms);
-        Ok(messages
-            .into_iter()
-            .zip(shown)
-            .filter_map(|(message, shown)| shown.then_some(message))
-            .collect())
+        Ok(keep_shown(messages, now_ms))
     }
 
     fn may_have(&self, user: &UserId) -> bool {
@@ -276,12 +271,7 @@ impl Engine for MemoryEngine {
         let messages: Vec<Message> = state.queues.get(user).map_or_else(Vec::new, |queue| {
             queue.iter().map(|(id, entry)| entry.message(*id)).collect()
         });
-        let shown = shown(&messages, now_ms);
-        Ok(messages
-            .into_iter()
-            .zip(shown)
-            .filter_map(|(message, shown)| shown.then_some(message))
-            .collect())
+        Ok(keep_shown(messages, now_ms))
     }
 
     fn lease(&self, user: &UserId) -> Result<Box<dyn LeaseState>> {
@@ -307,12 +297,7 @@ impl Engine for MemoryEngine {
         }
         // Expired and replaced ones are taken too, unshown: the commit
         // removes them with the rest.
-        let shown = shown(&messages, now_ms);
-        let messages = messages
-            .into_iter()
-            .zip(shown)
-            .filter_map(|(message, shown)| shown.then_some(message))
-            .collect();
+        let messages = keep_shown(messages, now_ms);
         Ok(Box::new(MemoryLease {
             state: self.state.clone(),
             common: self.common.clone(),

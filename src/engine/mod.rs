@@ -62,6 +62,16 @@ pub(crate) fn shown(messages: &[Message], now_ms: u64) -> Vec<bool> {
 /// show them, whenever they are dropped).
 pub(crate) const REAP_EVERY: Duration = Duration::from_secs(1);
 
+/// The messages [`shown`] keeps, in their order.
+pub(crate) fn keep_shown(messages: Vec<Message>, now_ms: u64) -> Vec<Message> {
+    let keep = shown(&messages, now_ms);
+    messages
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(message, keep)| keep.then_some(message))
+        .collect()
+}
+
 /// Settings every engine takes.
 #[derive(Debug, Clone)]
 pub(crate) struct Common {

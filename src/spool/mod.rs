@@ -44,6 +44,7 @@ use self::format::{SpoolUser, encode, next_name};
 use crate::engine::Rules;
 use crate::fs::{io_error, sync_dir};
 use crate::message::now_ms;
+use crate::store::{Expiry, check_draft};
 use crate::{Error, Level, MessageStore, Result, UserId, key};
 
 /// Sends from any process: to a store's spool directory, whether or not the
@@ -247,15 +248,6 @@ impl Spool {
     }
 }
 
-/// When a spooled message expires.
-#[derive(Debug, Clone, Copy)]
-enum Expiry {
-    /// The store's [`Builder::default_expiry`](crate::Builder::default_expiry).
-    Default,
-    After(Duration),
-    Never,
-}
-
 /// A message being composed for a [`Spool`]; made by [`Spool::compose`].
 /// The same shape, rules and errors as the store's
 /// [`Draft`](crate::Draft): nothing is written until one of the `to_…`
@@ -389,13 +381,12 @@ impl SpoolDraft<'_> {
     /// The spool entry, checked, without recipients.
     fn entry(self, everyone: bool) -> Result<Entry> {
         // The store's default limits: it checks its own again at intake.
-        Rules::default().check_text(&self.text)?;
-        if let Some(replace_key) = &self.replace_key {
-            key::check_replace_key(replace_key)?;
-        }
-        if let Expiry::After(after) = self.expiry {
-            key::check_expiry(after)?;
-        }
+        check_draft(
+            &Rules::default(),
+            &self.text,
+            self.replace_key.as_deref(),
+            self.expiry,
+        )?;
         let sent_at_ms = now_ms();
         Ok(Entry {
             users: Vec::new(),
@@ -403,9 +394,7 @@ impl SpoolDraft<'_> {
             text: self.text,
             sent_at_ms,
             expires_at_ms: match self.expiry {
-                Expiry::After(after) => Some(
-                    sent_at_ms.saturating_add(u64::try_from(after.as_millis()).unwrap_or(u64::MAX)),
-                ),
+                Expiry::After(after) => Some(crate::clock::deadline_ms(sent_at_ms, after)),
                 Expiry::Default | Expiry::Never => None,
             },
             never_expires: matches!(self.expiry, Expiry::Never),

@@ -33,7 +33,7 @@ use parking_lot::Mutex;
 use redis::{Script, Value};
 
 use self::pool::Pool;
-use super::{Common, EmptyLease, Engine, LeaseState, Outgoing, shown};
+use super::{Common, EmptyLease, Engine, LeaseState, Outgoing, keep_shown};
 use crate::message::{BulkSend, MessageId, now_ms};
 use crate::recipients::Recipients;
 use crate::record::{self, QuarantinedRecord, Record};
@@ -139,7 +139,7 @@ impl CachedBulk {
     }
 }
 
-/// Keeps the messages that [`shown`] keeps, in order, less those that a
+/// Keeps the messages that [`shown`](super::shown) keeps, in order, less those that a
 /// newer keyed announcement (`ns:rk`) replaced, where the announcement is
 /// not in the read itself (then `shown` decides), has not been taken by
 /// the user (`took`, their `ns:took:u`: once delivered, a key is free
@@ -151,12 +151,10 @@ fn only_shown(
     snapshot: &Snapshot,
     took: &Replaced,
 ) -> Vec<Message> {
-    let keep = shown(&messages, now_ms);
     let ids: std::collections::HashSet<u64> = messages.iter().map(|m| m.id().0).collect();
-    messages
+    keep_shown(messages, now_ms)
         .into_iter()
-        .zip(keep)
-        .filter_map(|(message, keep)| {
+        .filter(|message| {
             let gone = message.replace_key().is_some_and(|key| {
                 snapshot.replaced.get(key).is_some_and(|newer| {
                     *newer > message.id().0
@@ -167,7 +165,7 @@ fn only_shown(
                             .is_none_or(|bulk| bulk.message.expired(now_ms))
                 })
             });
-            (keep && !gone).then_some(message)
+            !gone
         })
         .collect()
 }

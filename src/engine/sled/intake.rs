@@ -187,11 +187,9 @@ impl Inner {
         let expires_at_ms = match (entry.expires_at_ms, entry.never_expires) {
             (Some(at), _) => Some(at),
             (None, true) => None,
-            (None, false) => rules.default_expiry.map(|after| {
-                entry
-                    .sent_at_ms
-                    .saturating_add(u64::try_from(after.as_millis()).unwrap_or(u64::MAX))
-            }),
+            (None, false) => rules
+                .default_expiry
+                .map(|after| crate::clock::deadline_ms(entry.sent_at_ms, after)),
         };
         let message = Outgoing {
             text: entry.text,

@@ -53,7 +53,7 @@ pub(crate) use self::backend::{RecordCounts, clean_mark_text, parse_clean_mark};
 use self::bulk::{Bulk, BulkList, Maintenance};
 use self::commit::GroupCommit;
 use self::index::PendingIndex;
-use super::{Common, EmptyLease, Engine, LeaseState, Outgoing, Rules, shown};
+use super::{Common, EmptyLease, Engine, LeaseState, Outgoing, Rules, keep_shown};
 use crate::fs::sync_dir;
 use crate::message::{BulkSend, MessageId};
 use crate::recipients::Recipients;
@@ -651,7 +651,7 @@ impl Inner {
 
     /// After a durable keyed send `below` to the user of `prefix`: removes
     /// the user's older queued (not leased) records with the same key.
-    /// They are already hidden by [`shown`] at read, so a failure here is
+    /// They are already hidden by [`shown`](super::shown) at read, so a failure here is
     /// only logged: their space comes back when they are read or expire.
     fn replace_older(&self, prefix: &[u8], slot: usize, replace_key: &str, below: u64) {
         let _replace = self.stripe(slot).lock();
@@ -1470,15 +1470,8 @@ impl Inner {
         }
         // Expired and replaced messages are taken (removed by a drain or a
         // lease's commit) but not returned.
-        let shown = shown(&collected.messages, now_ms);
-        if shown.contains(&false) {
-            let messages = std::mem::take(&mut collected.messages);
-            collected.messages = messages
-                .into_iter()
-                .zip(shown)
-                .filter_map(|(message, shown)| shown.then_some(message))
-                .collect();
-        }
+        let messages = std::mem::take(&mut collected.messages);
+        collected.messages = keep_shown(messages, now_ms);
         if !orphans.is_empty() {
             self.backend.remove_messages(&orphans)?;
             self.index
